@@ -1,0 +1,10 @@
+// attnkit: efficient attention kernels. Include this header for every operator.
+#pragma once
+
+#include "attnkit/core/attention_params.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/parallel.hpp"
+#include "attnkit/core/tensor_view.hpp"
+#include "attnkit/core/types.hpp"
+#include "attnkit/simd/simd.hpp"
+#include "attnkit/ops/reference.hpp"

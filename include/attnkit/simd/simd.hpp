@@ -1,0 +1,136 @@
+// The SIMD layer: the only place that names an instruction set. Everything above it works with
+// attnkit::simd::vec (an xsimd batch of float for the compile-time target) and these helpers.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include <xsimd/xsimd.hpp>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "attnkit/core/types.hpp"
+
+namespace attnkit::simd {
+
+using arch = xsimd::default_arch;
+using vec = xsimd::batch<float, arch>;
+using dvec = xsimd::batch<double, arch>;
+inline constexpr index_t width = static_cast<index_t>(vec::size);
+
+inline const char* arch_name() { return arch::name(); }
+
+// ---- loads with conversion to float ------------------------------------------------------------
+
+inline vec load(const float* p) { return vec::load_unaligned(p); }
+
+// With AVX-512 xsimd's default batch holds 16 floats, with AVX2 (and without AVX-512) 8.
+inline vec load(const bf16* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+#elif defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+#else
+  alignas(64) float tmp[width];
+  for (index_t i = 0; i < width; ++i) tmp[i] = static_cast<float>(p[i]);
+  return vec::load_aligned(tmp);
+#endif
+}
+
+inline vec load(const f16* p) {
+#if defined(__AVX512F__)
+  return vec(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__AVX2__) && defined(__F16C__)
+  return vec(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  alignas(64) float tmp[width];
+  for (index_t i = 0; i < width; ++i) tmp[i] = static_cast<float>(p[i]);
+  return vec::load_aligned(tmp);
+#endif
+}
+
+// Loads n (0 <= n <= width) elements and fills the remaining lanes with `fill`.
+template <class T>
+inline vec load_tail(const T* p, index_t n, float fill = 0.f) {
+  alignas(64) float tmp[width];
+  for (index_t i = 0; i < width; ++i) tmp[i] = i < n ? convert<float>(p[i]) : fill;
+  return vec::load_aligned(tmp);
+}
+
+inline void store(float* p, const vec& x) { x.store_unaligned(p); }
+
+inline void store_tail(float* p, const vec& x, index_t n) {
+  alignas(64) float tmp[width];
+  x.store_aligned(tmp);
+  for (index_t i = 0; i < n; ++i) p[i] = tmp[i];
+}
+
+// ---- arithmetic ---------------------------------------------------------------------------------
+
+inline vec fma(const vec& a, const vec& b, const vec& c) { return xsimd::fma(a, b, c); }
+
+// exp with exp(-inf) = 0 and exp(x > 88.72) = +inf, accurate to a few ulp (xsimd's implementation).
+inline vec exp(const vec& x) { return xsimd::exp(x); }
+
+inline float hsum(const vec& x) { return xsimd::hadd(x); }
+
+inline float hmax(const vec& x) {
+  alignas(64) float tmp[width];
+  x.store_aligned(tmp);
+  float m = tmp[0];
+  for (index_t i = 1; i < width; ++i) m = tmp[i] > m ? tmp[i] : m;
+  return m;
+}
+
+// ---- whole-array helpers (any length; vector body, masked tail) ---------------------------------
+
+// dst[i] = float(src[i]) for i < n.
+template <class T>
+inline void convert_row(float* dst, const T* src, index_t n) {
+  index_t i = 0;
+  for (; i + width <= n; i += width) store(dst + i, load(src + i));
+  if (i < n) store_tail(dst + i, load_tail(src + i, n - i), n - i);
+}
+
+// Dot product of two float arrays of length n.
+inline float dot(const float* a, const float* b, index_t n) {
+  vec acc(0.f);
+  index_t i = 0;
+  for (; i + width <= n; i += width) acc = fma(load(a + i), load(b + i), acc);
+  if (i < n) acc = fma(load_tail(a + i, n - i), load_tail(b + i, n - i), acc);
+  return hsum(acc);
+}
+
+// y[i] += a * x[i] for i < n.
+inline void axpy(float* y, float a, const float* x, index_t n) {
+  const vec va(a);
+  index_t i = 0;
+  for (; i + width <= n; i += width) store(y + i, fma(va, load(x + i), load(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// x[i] *= a for i < n.
+inline void scale(float* x, float a, index_t n) {
+  const vec va(a);
+  index_t i = 0;
+  for (; i + width <= n; i += width) store(x + i, va * load(x + i));
+  for (; i < n; ++i) x[i] *= a;
+}
+
+// Maximum of n floats (-inf for n == 0).
+inline float max_of(const float* x, index_t n) {
+  vec m(-std::numeric_limits<float>::infinity());
+  index_t i = 0;
+  for (; i + width <= n; i += width) m = xsimd::max(m, load(x + i));
+  float r = hmax(m);
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+}  // namespace attnkit::simd
