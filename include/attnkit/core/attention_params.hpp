@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/host_device.hpp"
 #include "attnkit/core/tensor_view.hpp"
 
 namespace attnkit {
@@ -37,7 +38,7 @@ struct attention_mask {
 
   // Keys allowed for query row i given the number of existing keys and the diagonal offset
   // (kv_len - q_len): returns [lo, hi). Causal and window constraints are contiguous ranges.
-  void key_range(index_t i, index_t kv_len, index_t offset, index_t& lo, index_t& hi) const {
+  ATTNKIT_HOST_DEVICE void key_range(index_t i, index_t kv_len, index_t offset, index_t& lo, index_t& hi) const {
     const index_t diag = i + offset;
     lo = 0;
     hi = kv_len;

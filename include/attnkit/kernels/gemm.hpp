@@ -1,0 +1,87 @@
+// Register-blocked float GEMM micro-kernels on SIMD vectors, shared by every operator that does
+// tile arithmetic (flash, linear, sparse, block-sparse):
+//   C[m][n] = C[m][n] * col_scale[n] + sum_k A(m, k) * B[k][n]       (col_scale optional)
+// A is read element by element (broadcast) at a[m * rs_a + k * cs_a], so it may be row- or
+// column-major; B and C are row-major with leading dimensions ldb / ldc. N must be a multiple of
+// simd::width: callers pad their tiles. Each C element sums k in increasing order whatever the
+// blocking, so results do not depend on tile sizes.
+#pragma once
+
+#include "attnkit/simd/simd.hpp"
+
+namespace attnkit::kernels {
+
+// Register block: MR rows of A broadcast against NV vectors of B. 32 vector registers (AVX-512)
+// hold 8 x 3 accumulators; 16 registers (SSE, AVX2) hold 4 x 3.
+inline constexpr int gemm_mr = simd::width >= 16 ? 8 : 4;
+inline constexpr int gemm_nv = 3;
+
+namespace detail {
+
+template <int MR, int NV>
+inline void gemm_block(index_t K, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t ldb,
+                       float* c, index_t ldc, const float* col_scale) {
+  using simd::vec;
+  constexpr index_t W = simd::width;
+  vec acc[MR][NV];
+  if (col_scale) {
+    vec s[NV];
+    for (int v = 0; v < NV; ++v) s[v] = simd::load(col_scale + v * W);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = simd::load(c + r * ldc + v * W) * s[v];
+  } else {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = simd::load(c + r * ldc + v * W);
+  }
+  for (index_t k = 0; k < K; ++k) {
+    vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = simd::load(b + k * ldb + v * W);
+    const float* ak = a + k * cs_a;
+    for (int r = 0; r < MR; ++r) {
+      const vec ar(ak[r * rs_a]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = simd::fma(ar, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) simd::store(c + r * ldc + v * W, acc[r][v]);
+}
+
+template <int MR>
+inline void gemm_row_block(index_t N, index_t K, const float* a, index_t rs_a, index_t cs_a, const float* b,
+                           index_t ldb, float* c, index_t ldc, const float* col_scale) {
+  constexpr index_t W = simd::width;
+  index_t n = 0;
+  for (; n + gemm_nv * W <= N; n += gemm_nv * W)
+    gemm_block<MR, gemm_nv>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, col_scale ? col_scale + n : nullptr);
+  const index_t rest = (N - n) / W;
+  const float* cs = col_scale ? col_scale + n : nullptr;
+  if (rest == 2) gemm_block<MR, 2>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, cs);
+  else if (rest == 1) gemm_block<MR, 1>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, cs);
+  static_assert(gemm_nv == 3, "remainder dispatch above assumes 3 vectors per block");
+}
+
+template <int MR>
+inline void gemm_tail_rows(index_t rows, index_t N, index_t K, const float* a, index_t rs_a, index_t cs_a,
+                           const float* b, index_t ldb, float* c, index_t ldc, const float* col_scale) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return gemm_row_block<MR>(N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
+    gemm_tail_rows<MR - 1>(rows, N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
+  }
+}
+
+}  // namespace detail
+
+inline void gemm_acc(index_t M, index_t N, index_t K, const float* a, index_t rs_a, index_t cs_a,
+                     const float* b, index_t ldb, float* c, index_t ldc, const float* col_scale = nullptr) {
+  index_t m = 0;
+  for (; m + gemm_mr <= M; m += gemm_mr)
+    detail::gemm_row_block<gemm_mr>(N, K, a + m * rs_a, rs_a, cs_a, b, ldb, c + m * ldc, ldc, col_scale);
+  if (m < M)
+    detail::gemm_tail_rows<gemm_mr - 1>(M - m, N, K, a + m * rs_a, rs_a, cs_a, b, ldb, c + m * ldc, ldc,
+                                        col_scale);
+}
+
+// Rounds n up to a multiple of the vector width (the padding gemm_acc needs on N).
+inline constexpr index_t pad_to_width(index_t n) { return (n + simd::width - 1) / simd::width * simd::width; }
+
+}  // namespace attnkit::kernels

@@ -1,0 +1,36 @@
+// Shared tile kernels against plain loops.
+#include "test_util.hpp"
+
+#include <attnkit/kernels/gemm.hpp>
+
+using namespace attnkit;
+
+TEST_CASE("gemm_acc equals a plain triple loop for every remainder of rows and vector blocks") {
+  auto g = test::rng(7);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (index_t M : {1, 3, kernels::gemm_mr, kernels::gemm_mr + 5, 3 * kernels::gemm_mr + 1})
+    for (index_t nv : {1, 2, 3, 4, 5, 7})
+      for (index_t K : {0, 1, 9, 64})
+        for (bool col_major_a : {false, true})
+          for (bool scaled : {false, true}) {
+            const index_t N = nv * simd::width, ldb = N + 3, ldc = N + 5;
+            std::vector<float> a(static_cast<std::size_t>(M * K + 1)), b(static_cast<std::size_t>(K * ldb + 1)),
+                c(static_cast<std::size_t>(M * ldc)), s(static_cast<std::size_t>(N));
+            for (auto* v : {&a, &b, &c, &s})
+              for (auto& x : *v) x = u(g);
+            const index_t rs = col_major_a ? 1 : K, cs = col_major_a ? M : 1;
+            std::vector<double> want(c.size());
+            for (index_t m = 0; m < M; ++m)
+              for (index_t n = 0; n < N; ++n) {
+                double acc = double(c[m * ldc + n]) * (scaled ? s[n] : 1.f);
+                for (index_t k = 0; k < K; ++k) acc += double(a[m * rs + k * cs]) * b[k * ldb + n];
+                want[m * ldc + n] = acc;
+              }
+            kernels::gemm_acc(M, N, K, a.data(), rs, cs, b.data(), ldb, c.data(), ldc, scaled ? s.data() : nullptr);
+            double err = 0;
+            for (index_t m = 0; m < M; ++m)
+              for (index_t n = 0; n < N; ++n) err = std::max(err, std::abs(c[m * ldc + n] - want[m * ldc + n]));
+            INFO("M=" << M << " N=" << N << " K=" << K);
+            CHECK(err <= 1e-5 * double(K + 1));
+          }
+}
