@@ -26,11 +26,29 @@ TEST_CASE("gemm_acc equals a plain triple loop for every remainder of rows and v
                 for (index_t k = 0; k < K; ++k) acc += double(a[m * rs + k * cs]) * b[k * ldb + n];
                 want[m * ldc + n] = acc;
               }
-            kernels::gemm_acc(M, N, K, a.data(), rs, cs, b.data(), ldb, c.data(), ldc, scaled ? s.data() : nullptr);
-            double err = 0;
+            std::vector<double> want_set(c.size());
             for (index_t m = 0; m < M; ++m)
-              for (index_t n = 0; n < N; ++n) err = std::max(err, std::abs(c[m * ldc + n] - want[m * ldc + n]));
+              for (index_t n = 0; n < N; ++n) {
+                double acc = 0;
+                for (index_t k = 0; k < K; ++k) acc += double(a[m * rs + k * cs]) * b[k * ldb + n];
+                want_set[m * ldc + n] = acc;
+              }
+            std::vector<float> c_set = c;
+            kernels::gemm_acc(M, N, K, a.data(), rs, cs, b.data(), ldb, c.data(), ldc, scaled ? s.data() : nullptr);
+            kernels::gemm_set(M, N, K, a.data(), rs, cs, b.data(), ldb, c_set.data(), ldc);
+            // The same product in double through the double overload.
+            std::vector<double> ad(a.begin(), a.end()), bd(b.begin(), b.end()), cd(c_set.size(), 5.0);
+            kernels::gemm_set(M, N, K, ad.data(), rs, cs, bd.data(), ldb, cd.data(), ldc);
+            double err = 0, err_set = 0, err_d = 0;
+            for (index_t m = 0; m < M; ++m)
+              for (index_t n = 0; n < N; ++n) {
+                err = std::max(err, std::abs(c[m * ldc + n] - want[m * ldc + n]));
+                err_set = std::max(err_set, std::abs(c_set[m * ldc + n] - want_set[m * ldc + n]));
+                err_d = std::max(err_d, std::abs(cd[m * ldc + n] - want_set[m * ldc + n]));
+              }
             INFO("M=" << M << " N=" << N << " K=" << K);
             CHECK(err <= 1e-5 * double(K + 1));
+            CHECK(err_set <= 1e-5 * double(K + 1));
+            CHECK(err_d <= 1e-13 * double(K + 1));
           }
 }

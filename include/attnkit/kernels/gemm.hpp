@@ -1,6 +1,7 @@
 // Register-blocked float GEMM micro-kernels on SIMD vectors, shared by every operator that does
 // tile arithmetic (flash, linear, sparse, block-sparse):
-//   C[m][n] = C[m][n] * col_scale[n] + sum_k A(m, k) * B[k][n]       (col_scale optional)
+//   gemm_acc: C[m][n] = C[m][n] * col_scale[n] + sum_k A(m, k) * B[k][n]   (col_scale optional)
+//   gemm_set: C[m][n] = sum_k A(m, k) * B[k][n]
 // A is read element by element (broadcast) at a[m * rs_a + k * cs_a], so it may be row- or
 // column-major; B and C are row-major with leading dimensions ldb / ldc. N must be a multiple of
 // simd::width: callers pad their tiles. Each C element sums k in increasing order whatever the
@@ -20,11 +21,14 @@ namespace detail {
 
 template <int MR, int NV>
 inline void gemm_block(index_t K, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t ldb,
-                       float* c, index_t ldc, const float* col_scale) {
+                       float* c, index_t ldc, const float* col_scale, bool overwrite) {
   using simd::vec;
   constexpr index_t W = simd::width;
   vec acc[MR][NV];
-  if (col_scale) {
+  if (overwrite) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = vec(0.f);
+  } else if (col_scale) {
     vec s[NV];
     for (int v = 0; v < NV; ++v) s[v] = simd::load(col_scale + v * W);
     for (int r = 0; r < MR; ++r)
@@ -48,37 +52,65 @@ inline void gemm_block(index_t K, const float* a, index_t rs_a, index_t cs_a, co
 
 template <int MR>
 inline void gemm_row_block(index_t N, index_t K, const float* a, index_t rs_a, index_t cs_a, const float* b,
-                           index_t ldb, float* c, index_t ldc, const float* col_scale) {
+                           index_t ldb, float* c, index_t ldc, const float* col_scale, bool overwrite) {
   constexpr index_t W = simd::width;
   index_t n = 0;
   for (; n + gemm_nv * W <= N; n += gemm_nv * W)
-    gemm_block<MR, gemm_nv>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, col_scale ? col_scale + n : nullptr);
+    gemm_block<MR, gemm_nv>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, col_scale ? col_scale + n : nullptr,
+                            overwrite);
   const index_t rest = (N - n) / W;
   const float* cs = col_scale ? col_scale + n : nullptr;
-  if (rest == 2) gemm_block<MR, 2>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, cs);
-  else if (rest == 1) gemm_block<MR, 1>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, cs);
+  if (rest == 2) gemm_block<MR, 2>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, cs, overwrite);
+  else if (rest == 1) gemm_block<MR, 1>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, cs, overwrite);
   static_assert(gemm_nv == 3, "remainder dispatch above assumes 3 vectors per block");
 }
 
 template <int MR>
 inline void gemm_tail_rows(index_t rows, index_t N, index_t K, const float* a, index_t rs_a, index_t cs_a,
-                           const float* b, index_t ldb, float* c, index_t ldc, const float* col_scale) {
+                           const float* b, index_t ldb, float* c, index_t ldc, const float* col_scale,
+                           bool overwrite) {
   if constexpr (MR > 0) {
-    if (rows == MR) return gemm_row_block<MR>(N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
-    gemm_tail_rows<MR - 1>(rows, N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
+    if (rows == MR) return gemm_row_block<MR>(N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale, overwrite);
+    gemm_tail_rows<MR - 1>(rows, N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale, overwrite);
+  }
+}
+
+inline void gemm(index_t M, index_t N, index_t K, const float* a, index_t rs_a, index_t cs_a, const float* b,
+                 index_t ldb, float* c, index_t ldc, const float* col_scale, bool overwrite) {
+  index_t m = 0;
+  for (; m + gemm_mr <= M; m += gemm_mr)
+    gemm_row_block<gemm_mr>(N, K, a + m * rs_a, rs_a, cs_a, b, ldb, c + m * ldc, ldc, col_scale, overwrite);
+  if (m < M)
+    gemm_tail_rows<gemm_mr - 1>(M - m, N, K, a + m * rs_a, rs_a, cs_a, b, ldb, c + m * ldc, ldc, col_scale,
+                                overwrite);
+}
+
+// Double precision: plain loops in the same k order (double operators favour exactness over speed).
+inline void gemm(index_t M, index_t N, index_t K, const double* a, index_t rs_a, index_t cs_a, const double* b,
+                 index_t ldb, double* c, index_t ldc, const double* col_scale, bool overwrite) {
+  for (index_t m = 0; m < M; ++m) {
+    double* cm = c + m * ldc;
+    for (index_t n = 0; n < N; ++n) cm[n] = overwrite ? 0.0 : col_scale ? cm[n] * col_scale[n] : cm[n];
+    for (index_t k = 0; k < K; ++k) {
+      const double amk = a[m * rs_a + k * cs_a];
+      const double* bk = b + k * ldb;
+      for (index_t n = 0; n < N; ++n) cm[n] += amk * bk[n];
+    }
   }
 }
 
 }  // namespace detail
 
-inline void gemm_acc(index_t M, index_t N, index_t K, const float* a, index_t rs_a, index_t cs_a,
-                     const float* b, index_t ldb, float* c, index_t ldc, const float* col_scale = nullptr) {
-  index_t m = 0;
-  for (; m + gemm_mr <= M; m += gemm_mr)
-    detail::gemm_row_block<gemm_mr>(N, K, a + m * rs_a, rs_a, cs_a, b, ldb, c + m * ldc, ldc, col_scale);
-  if (m < M)
-    detail::gemm_tail_rows<gemm_mr - 1>(M - m, N, K, a + m * rs_a, rs_a, cs_a, b, ldb, c + m * ldc, ldc,
-                                        col_scale);
+template <class T>
+inline void gemm_acc(index_t M, index_t N, index_t K, const T* a, index_t rs_a, index_t cs_a, const T* b,
+                     index_t ldb, T* c, index_t ldc, const T* col_scale = nullptr) {
+  detail::gemm(M, N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale, false);
+}
+
+template <class T>
+inline void gemm_set(index_t M, index_t N, index_t K, const T* a, index_t rs_a, index_t cs_a, const T* b,
+                     index_t ldb, T* c, index_t ldc) {
+  detail::gemm(M, N, K, a, rs_a, cs_a, b, ldb, c, ldc, nullptr, true);
 }
 
 // Rounds n up to a multiple of the vector width (the padding gemm_acc needs on N).

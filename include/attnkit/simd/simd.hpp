@@ -55,6 +55,12 @@ inline vec load(const f16* p) {
 #endif
 }
 
+inline vec load(const double* p) {
+  alignas(64) float tmp[width];
+  for (index_t i = 0; i < width; ++i) tmp[i] = static_cast<float>(p[i]);
+  return vec::load_aligned(tmp);
+}
+
 // Loads n (0 <= n <= width) elements and fills the remaining lanes with `fill`.
 template <class T>
 inline vec load_tail(const T* p, index_t n, float fill = 0.f) {

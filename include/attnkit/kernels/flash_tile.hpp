@@ -1,0 +1,206 @@
+// The tile machinery of exact softmax attention with online softmax, shared by flash, sparse and
+// block-sparse attention.
+//
+// softmax_block keeps one block of query rows of one head *transposed*: queries are the SIMD lanes.
+// For a tile of keys it forms S^T = K Q^T (keys x queries) with kernels::gemm_set, lets the caller
+// edit the logits (softcap, bias, ALiBi, masks: logit_editor), runs the online-softmax update
+// column-wise (per query: running max m, running sum l, rescale factor alpha), and accumulates
+// O^T = O^T * alpha + V^T P^T with kernels::gemm_acc. Because the queries are the lanes, K and V
+// are read in place through any strides (element broadcasts), the row statistics are plain
+// vector max/add across tile rows, and no horizontal reduction is ever needed.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "attnkit/core/attention_params.hpp"
+#include "attnkit/kernels/gemm.hpp"
+#include "attnkit/kernels/online_softmax.hpp"
+#include "attnkit/kernels/scratch.hpp"
+#include "attnkit/simd/simd.hpp"
+
+namespace attnkit::kernels {
+
+// Scratch slots used by this header (kernels/scratch.hpp): 0..4 by softmax_block, 5..6 by
+// operators' K/V conversion tiles.
+inline constexpr std::size_t slot_k_tile = 5, slot_v_tile = 6;
+
+// dst[r * ld + c] = A(src[r * rs + c * cs]) for r < rows, c < cols, and 0 for cols <= c < ld.
+template <class A, class T>
+void convert_tile(A* dst, index_t ld, const T* src, index_t rows, index_t cols, index_t rs, index_t cs) {
+  for (index_t r = 0; r < rows; ++r) {
+    A* d = dst + r * ld;
+    const T* s = src + r * rs;
+    if constexpr (std::is_same_v<A, float>) {
+      if (cs == 1) {
+        simd::convert_row(d, s, cols);
+      } else {
+        for (index_t c = 0; c < cols; ++c) d[c] = convert<A>(s[c * cs]);
+      }
+    } else {
+      for (index_t c = 0; c < cols; ++c) d[c] = convert<A>(s[c * cs]);
+    }
+    for (index_t c = cols; c < ld; ++c) d[c] = A(0);
+  }
+}
+
+// softcap * tanh(x / softcap) over n contiguous logits.
+template <class A>
+void apply_softcap(A* x, index_t n, A cap) {
+  index_t i = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    const simd::vec c(cap), inv(1.f / cap);
+    for (; i + simd::width <= n; i += simd::width) simd::store(x + i, c * xsimd::tanh(simd::load(x + i) * inv));
+  }
+  for (; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
+}
+
+// Logit edits of one (batch, head): additive bias, ALiBi, and the causal/window key-range mask.
+// (softcap is applied before, with apply_softcap, since it acts on the raw scaled logit.)
+template <class A>
+struct logit_editor {
+  tensor_view<const float, 2> bias{};  // (query row, key) of this (batch, head); empty: none
+  A slope = 0;                         // ALiBi slope of this head
+  bool alibi = false;
+  attention_mask mask{};
+  index_t len = 0;     // keys that exist (kv_lengths[b] or Nk)
+  index_t offset = 0;  // len - Nq: the bottom-right diagonal
+
+  bool has_additive() const { return bias.data() != nullptr || alibi; }
+
+  void key_range(index_t i, index_t& lo, index_t& hi) const { mask.key_range(i, len, offset, lo, hi); }
+
+  // Edits the logit of key key_at(jj) (jj < nk) and query q0 + c (c < rows), stored at
+  // s[jj * key_stride + c * query_stride]: adds bias and ALiBi, and with check_mask sets -inf
+  // where the key is outside the query's allowed range.
+  template <class KeyAt>
+  void apply(A* s, index_t key_stride, index_t query_stride, index_t nk, KeyAt&& key_at, index_t q0, index_t rows,
+             bool check_mask) const {
+    if (!check_mask && !has_additive()) return;
+    const A ninf = -std::numeric_limits<A>::infinity();
+    for (index_t c = 0; c < rows; ++c) {
+      const index_t i = q0 + c;
+      index_t lo = 0, hi = len;
+      if (check_mask) key_range(i, lo, hi);
+      A* col = s + c * query_stride;
+      for (index_t jj = 0; jj < nk; ++jj) {
+        const index_t j = key_at(jj);
+        A& x = col[jj * key_stride];
+        if (j < lo || j >= hi) {
+          x = ninf;
+          continue;
+        }
+        if (bias.data()) x += A(bias(i, j));
+        if (alibi) x -= slope * A(std::abs(i + offset - j));
+      }
+    }
+  }
+};
+
+template <class A>
+class softmax_block {
+ public:
+  // Prepares for `rows` query rows with head dim `d`, value dim `dv`, and key tiles of up to
+  // `max_keys` keys. Uses scratch slots 0..4 of the calling thread.
+  void start(index_t rows, index_t d, index_t dv, index_t max_keys) {
+    rows_ = rows;
+    d_ = d;
+    dv_ = dv;
+    ld_ = pad_to_width(std::max<index_t>(rows, 1));
+    qt_ = thread_scratch<A>(0, std::size_t(std::max<index_t>(d, 1) * ld_));
+    st_ = thread_scratch<A>(1, std::size_t(max_keys * ld_));
+    ot_ = thread_scratch<A>(2, std::size_t(std::max<index_t>(dv, 1) * ld_));
+    A* stats = thread_scratch<A>(3, std::size_t(3 * ld_));
+    m_ = stats;
+    l_ = stats + ld_;
+    alpha_ = stats + 2 * ld_;
+    std::fill(ot_, ot_ + dv * ld_, A(0));
+    std::fill(m_, m_ + ld_, -std::numeric_limits<A>::infinity());
+    std::fill(l_, l_ + ld_, A(0));
+  }
+
+  // Q^T[d][c] = scale * q[c * row_stride + d * dim_stride]; padding columns are 0.
+  template <class T>
+  void load_queries(const T* q, index_t row_stride, index_t dim_stride, A scale) {
+    for (index_t dd = 0; dd < d_; ++dd) {
+      A* row = qt_ + dd * ld_;
+      for (index_t c = 0; c < rows_; ++c) row[c] = scale * convert<A>(q[c * row_stride + dd * dim_stride]);
+      for (index_t c = rows_; c < ld_; ++c) row[c] = A(0);
+    }
+  }
+
+  // S^T (nk x ld) = K Q^T for keys at k[jj * key_stride + d * dim_stride]. Returns S^T, row-major
+  // with leading dimension ld(), for the caller to edit before update().
+  A* scores(const A* k, index_t key_stride, index_t dim_stride, index_t nk) {
+    gemm_set(nk, ld_, d_, k, key_stride, dim_stride, qt_, ld_, st_, ld_);
+    return st_;
+  }
+
+  // Online-softmax step over the nk edited logit rows of S^T; leaves P^T in their place.
+  void update(index_t nk) {
+    if constexpr (std::is_same_v<A, float>) {
+      using simd::vec;
+      const vec ninf(-std::numeric_limits<float>::infinity()), zero(0.f);
+      for (index_t c = 0; c < ld_; c += simd::width) {
+        vec mx = simd::load(m_ + c);
+        for (index_t jj = 0; jj < nk; ++jj) mx = xsimd::max(mx, simd::load(st_ + jj * ld_ + c));
+        const vec safe = xsimd::select(mx == ninf, zero, mx);
+        const vec alpha = simd::exp(simd::load(m_ + c) - safe);
+        vec sum(0.f);
+        for (index_t jj = 0; jj < nk; ++jj) {
+          const vec p = simd::exp(simd::load(st_ + jj * ld_ + c) - safe);
+          simd::store(st_ + jj * ld_ + c, p);
+          sum += p;
+        }
+        simd::store(l_ + c, simd::fma(simd::load(l_ + c), alpha, sum));
+        simd::store(m_ + c, mx);
+        simd::store(alpha_ + c, alpha);
+      }
+    } else {
+      for (index_t c = 0; c < ld_; ++c) {
+        A mx = m_[c];
+        for (index_t jj = 0; jj < nk; ++jj) mx = std::max(mx, st_[jj * ld_ + c]);
+        const A safe = safe_max(mx);
+        const A alpha = std::exp(m_[c] - safe);
+        A sum = 0;
+        for (index_t jj = 0; jj < nk; ++jj) {
+          A& x = st_[jj * ld_ + c];
+          x = std::exp(x - safe);
+          sum += x;
+        }
+        l_[c] = l_[c] * alpha + sum;
+        m_[c] = mx;
+        alpha_[c] = alpha;
+      }
+    }
+  }
+
+  // O^T = O^T * alpha + V^T P^T for values at v[jj * key_stride + e * dim_stride].
+  void accumulate(const A* v, index_t key_stride, index_t dim_stride, index_t nk) {
+    gemm_acc(dv_, ld_, nk, v, dim_stride, key_stride, st_, ld_, ot_, ld_, alpha_);
+  }
+
+  // Writes out[c * row_stride + e * dim_stride] = O^T[e][c] / l[c] and lse[c * lse_stride] (if lse)
+  // for c < rows. A row that saw no key (l = 0) gets 0 and -inf; NaN propagates.
+  template <class TO, class TL>
+  void finish(TO* out, index_t row_stride, index_t dim_stride, TL* lse, index_t lse_stride) const {
+    for (index_t c = 0; c < rows_; ++c) {
+      const A l = l_[c];
+      const bool empty = l == A(0);
+      const A inv = empty ? A(0) : A(1) / l;
+      for (index_t e = 0; e < dv_; ++e) out[c * row_stride + e * dim_stride] = TO(ot_[e * ld_ + c] * inv);
+      if (lse) lse[c * lse_stride] = empty ? -std::numeric_limits<TL>::infinity() : TL(m_[c] + std::log(l));
+    }
+  }
+
+  index_t ld() const { return ld_; }
+  index_t rows() const { return rows_; }
+
+ private:
+  index_t rows_ = 0, d_ = 0, dv_ = 0, ld_ = 0;
+  A *qt_ = nullptr, *st_ = nullptr, *ot_ = nullptr, *m_ = nullptr, *l_ = nullptr, *alpha_ = nullptr;
+};
+
+}  // namespace attnkit::kernels

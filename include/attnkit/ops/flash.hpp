@@ -1,0 +1,284 @@
+// flash_attention: exact softmax attention, tiled with online softmax, O(N) memory.
+//
+// Two paths, chosen from the shape alone (never from the thread count):
+//  * prefill (more than decode_max_q query rows): work items are (batch, head, block of block_q
+//    query rows); each streams the allowed key range in tiles of block_k keys through
+//    kernels::softmax_block. Tiles outside every row's causal/window range are never visited;
+//    elementwise masks are applied only on tiles that straddle a range boundary.
+//  * decode (few query rows, typically a KV-cache step): the keys are split into fixed chunks of
+//    decode_chunk keys processed in parallel (Flash-Decoding); within a chunk every K/V row is
+//    converted once and used by all query rows of all heads of its GQA group; the partial states
+//    are then merged in chunk order with merge_attention_states' formula.
+// Results are bitwise identical for any number of threads.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attnkit/core/attention_params.hpp"
+#include "attnkit/core/parallel.hpp"
+#include "attnkit/kernels/flash_tile.hpp"
+#include "attnkit/ops/reference.hpp"
+
+namespace attnkit {
+
+struct flash_tiles {
+  static constexpr index_t block_q = kernels::gemm_nv * simd::width * (simd::width >= 16 ? 1 : 2);
+  static constexpr index_t block_k = 64;
+  static constexpr index_t decode_max_q = 4;    // query rows per head up to which decode is used
+  static constexpr index_t decode_chunk = 1024;  // keys per parallel decode chunk
+  static constexpr index_t decode_block = 64;   // keys per decode tile inside a chunk
+};
+
+namespace detail {
+
+// Accumulation type of a softmax operator: double when q is double, float otherwise.
+template <class TQ>
+using softmax_accum_t = accum_t<std::remove_const_t<TQ>>;
+
+// Pointer to a K or V tile readable in the accumulation type A: the original memory when the
+// element type already is A, else a converted copy in the thread's scratch slot (padded rows of
+// `ld` = cols elements, so the returned strides are (ld, 1)).
+template <class A, class T>
+const A* tile_as(const T* src, index_t rows, index_t cols, index_t rs, index_t cs, std::size_t slot,
+                 index_t& out_rs, index_t& out_cs) {
+  if constexpr (std::is_same_v<std::remove_const_t<T>, A>) {
+    out_rs = rs;
+    out_cs = cs;
+    return src;
+  } else {
+    A* dst = kernels::thread_scratch<A>(slot, std::size_t(std::max<index_t>(rows * cols, 1)));
+    kernels::convert_tile(dst, cols, src, rows, cols, rs, cs);
+    out_rs = cols;
+    out_cs = 1;
+    return dst;
+  }
+}
+
+template <class A>
+kernels::logit_editor<A> make_editor(const attention_params& p, const tensor_view<const float, 4>& bias,
+                                     const attention_shape& s, index_t b, index_t h) {
+  kernels::logit_editor<A> e;
+  if (bias.data()) e.bias = bias.fix(0, b).fix(0, h);
+  if (p.alibi_slopes) {
+    e.alibi = true;
+    e.slope = A(p.alibi_slopes[h]);
+  }
+  e.mask = attention_mask{p.causal, p.window_left, p.window_right};
+  e.len = p.kv_lengths ? p.kv_lengths[b] : s.kv_len;
+  e.offset = e.len - s.q_len;
+  return e;
+}
+
+template <class A, class TQ, class TK, class TV, class TO, class TL>
+void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
+                   const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
+                   const attention_shape& s, const tensor_view<const float, 4>& bias) {
+  constexpr index_t BQ = flash_tiles::block_q, BK = flash_tiles::block_k;
+  const A scale = effective_scale<A>(p.scale, s.head_dim);
+  const A cap = A(p.softcap);
+  const index_t nqb = (s.q_len + BQ - 1) / BQ;
+  parallel_for(s.batch * s.q_heads * nqb, 1, [&](index_t w0, index_t w1) {
+    kernels::softmax_block<A> blk;
+    for (index_t w = w0; w < w1; ++w) {
+      const index_t qb = w % nqb, h = (w / nqb) % s.q_heads, b = w / (nqb * s.q_heads);
+      const index_t hk = h / s.group(), q0 = qb * BQ, rows = std::min(BQ, s.q_len - q0);
+      const auto ed = make_editor<A>(p, bias, s, b, h);
+      blk.start(rows, s.head_dim, s.value_dim, BK);
+      blk.load_queries(&q(b, q0, h, 0), q.stride(1), q.stride(3), scale);
+      index_t lo_first, hi_first, lo_last, hi_last;
+      ed.key_range(q0, lo_first, hi_first);
+      ed.key_range(q0 + rows - 1, lo_last, hi_last);
+      for (index_t k0 = lo_first; k0 < hi_last; k0 += BK) {
+        const index_t nk = std::min(BK, hi_last - k0);
+        index_t krs, kcs, vrs, vcs;
+        const A* kt = tile_as<A>(&k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3), kernels::slot_k_tile, krs, kcs);
+        A* st = blk.scores(kt, krs, kcs, nk);
+        if (cap > 0) kernels::apply_softcap(st, nk * blk.ld(), cap);
+        const bool boundary = !(k0 >= lo_last && k0 + nk <= hi_first);
+        ed.apply(st, blk.ld(), 1, nk, [k0](index_t jj) { return k0 + jj; }, q0, rows, boundary);
+        blk.update(nk);
+        const A* vt = tile_as<A>(&v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3), kernels::slot_v_tile, vrs, vcs);
+        blk.accumulate(vt, vrs, vcs, nk);
+      }
+      TL* lse_ptr = lse.data() ? &lse(b, h, q0) : nullptr;
+      blk.finish(&out(b, q0, h, 0), out.stride(1), out.stride(3), lse_ptr, lse.data() ? lse.stride(2) : 0);
+    }
+  });
+}
+
+// Decode: R = group * Nq rows (row r = head-in-group * Nq + query) share every K/V row of a chunk.
+template <class TQ, class TK, class TV, class TO, class TL>
+void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
+                  const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
+                  const attention_shape& s, const tensor_view<const float, 4>& bias) {
+  using simd::vec;
+  constexpr index_t C = flash_tiles::decode_chunk, BK = flash_tiles::decode_block;
+  const float scale = effective_scale<float>(p.scale, s.head_dim);
+  const float cap = p.softcap;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const index_t G = s.group(), R = G * s.q_len;
+  const index_t Dp = kernels::pad_to_width(s.head_dim), Dvp = kernels::pad_to_width(s.value_dim);
+  const index_t nc = std::max<index_t>(1, (s.kv_len + C - 1) / C);
+  const index_t items = s.batch * s.kv_heads * nc;
+  // Partial states per (item, row): normalised output (Dv) and lse. Only allocated when split.
+  std::vector<float> part_o(nc > 1 ? std::size_t(items * R * s.value_dim) : 0);
+  std::vector<float> part_lse(nc > 1 ? std::size_t(items * R) : 0);
+
+  parallel_for(items, 1, [&](index_t w0, index_t w1) {
+    float* qf = kernels::thread_scratch<float>(0, std::size_t(R * Dp));
+    float* sc = kernels::thread_scratch<float>(1, std::size_t(R * BK));
+    float* o = kernels::thread_scratch<float>(2, std::size_t(R * Dvp));
+    float* stats = kernels::thread_scratch<float>(3, std::size_t(2 * R));
+    float* kt = kernels::thread_scratch<float>(kernels::slot_k_tile, std::size_t(BK * Dp));
+    float* vt = kernels::thread_scratch<float>(kernels::slot_v_tile, std::size_t(BK * Dvp));
+    float *m = stats, *l = stats + R;
+    std::vector<kernels::logit_editor<float>> eds(static_cast<std::size_t>(G));
+    for (index_t w = w0; w < w1; ++w) {
+      const index_t c = w % nc, hk = (w / nc) % s.kv_heads, b = w / (nc * s.kv_heads);
+      for (index_t g = 0; g < G; ++g) eds[g] = make_editor<float>(p, bias, s, b, hk * G + g);
+      const auto& e0 = eds[0];
+      // Keys of this chunk any row may see.
+      index_t lo0, hi0, lo1, hi1;
+      e0.key_range(0, lo0, hi0);
+      e0.key_range(s.q_len - 1, lo1, hi1);
+      const index_t c0 = std::max(lo0, c * C), c1 = std::min(hi1, (c + 1) * C);
+      for (index_t g = 0; g < G; ++g)
+        for (index_t i = 0; i < s.q_len; ++i)
+          kernels::convert_tile(qf + (g * s.q_len + i) * Dp, Dp, &q(b, i, hk * G + g, 0), 1, s.head_dim, 0, q.stride(3));
+      for (index_t r = 0; r < R; ++r) simd::scale(qf + r * Dp, scale, Dp);
+      std::fill(o, o + R * Dvp, 0.f);
+      std::fill(m, m + R, ninf);
+      std::fill(l, l + R, 0.f);
+      for (index_t k0 = c0; k0 < c1; k0 += BK) {
+        const index_t nk = std::min(BK, c1 - k0);
+        kernels::convert_tile(kt, Dp, &k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3));
+        kernels::convert_tile(vt, Dvp, &v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3));
+        for (index_t r = 0; r < R; ++r)
+          for (index_t jj = 0; jj < nk; ++jj) sc[r * BK + jj] = simd::dot(qf + r * Dp, kt + jj * Dp, Dp);
+        if (cap > 0)
+          for (index_t r = 0; r < R; ++r) kernels::apply_softcap(sc + r * BK, nk, cap);
+        const bool boundary = !(k0 >= lo1 && k0 + nk <= hi0);
+        for (index_t g = 0; g < G; ++g)
+          eds[g].apply(sc + g * s.q_len * BK, 1, BK, nk, [k0](index_t jj) { return k0 + jj; }, 0, s.q_len, boundary);
+        for (index_t r = 0; r < R; ++r) {
+          float* sr = sc + r * BK;
+          const float mx = std::max(m[r], simd::max_of(sr, nk));
+          const float safe = kernels::safe_max(mx);
+          const float alpha = std::exp(m[r] - safe);
+          vec sum(0.f);
+          index_t jj = 0;
+          for (; jj + simd::width <= nk; jj += simd::width) {
+            const vec pj = simd::exp(simd::load(sr + jj) - vec(safe));
+            simd::store(sr + jj, pj);
+            sum += pj;
+          }
+          if (jj < nk) {
+            const vec pj = simd::exp(simd::load_tail(sr + jj, nk - jj, ninf) - vec(safe));
+            simd::store_tail(sr + jj, pj, nk - jj);
+            sum += pj;
+          }
+          // NaN logits are skipped by max_of but not by exp: they reach l and so the output.
+          l[r] = l[r] * alpha + simd::hsum(sum);
+          m[r] = mx;
+          simd::scale(o + r * Dvp, alpha, Dvp);
+        }
+        kernels::gemm_acc(R, Dvp, nk, sc, BK, 1, vt, Dvp, o, Dvp);
+      }
+      // Normalise; write the final rows directly when there is a single chunk.
+      for (index_t r = 0; r < R; ++r) {
+        const index_t g = r / s.q_len, i = r % s.q_len, h = hk * G + g;
+        const bool empty = l[r] == 0.f;
+        const float inv = empty ? 0.f : 1.f / l[r];
+        const float row_lse = empty ? ninf : m[r] + std::log(l[r]);
+        if (nc == 1) {
+          for (index_t e = 0; e < s.value_dim; ++e) out(b, i, h, e) = TO(o[r * Dvp + e] * inv);
+          if (lse.data()) lse(b, h, i) = TL(row_lse);
+        } else {
+          float* po = part_o.data() + (w * R + r) * s.value_dim;
+          for (index_t e = 0; e < s.value_dim; ++e) po[e] = o[r * Dvp + e] * inv;
+          part_lse[std::size_t(w * R + r)] = row_lse;
+        }
+      }
+    }
+  });
+  if (nc == 1) return;
+  // Merge the chunks of every row in chunk order.
+  parallel_for(s.batch * s.kv_heads * R, 16, [&](index_t r0, index_t r1) {
+    std::vector<float> acc(static_cast<std::size_t>(s.value_dim));
+    for (index_t x = r0; x < r1; ++x) {
+      const index_t r = x % R, hk = (x / R) % s.kv_heads, b = x / (R * s.kv_heads);
+      const index_t g = r / s.q_len, i = r % s.q_len, h = hk * G + g;
+      const index_t w_first = (b * s.kv_heads + hk) * nc;
+      float run_lse = part_lse[std::size_t(w_first * R + r)];
+      const float* po = part_o.data() + (w_first * R + r) * s.value_dim;
+      std::copy(po, po + s.value_dim, acc.begin());
+      for (index_t c = 1; c < nc; ++c) {
+        const index_t w = w_first + c;
+        const auto mw = kernels::merge_lse(run_lse, part_lse[std::size_t(w * R + r)]);
+        const float* pc = part_o.data() + (w * R + r) * s.value_dim;
+        for (index_t e = 0; e < s.value_dim; ++e) acc[e] = mw.w_a * acc[e] + mw.w_b * pc[e];
+        run_lse = mw.lse;
+      }
+      for (index_t e = 0; e < s.value_dim; ++e) out(b, i, h, e) = TO(acc[e]);
+      if (lse.data()) lse(b, h, i) = TL(run_lse);
+    }
+  });
+}
+
+}  // namespace detail
+
+// Exact softmax attention with the semantics of reference_attention (see DESIGN.md and
+// attention_params), computed tile by tile with online softmax: no Nq x Nk buffer anywhere.
+// q, k, v: float, double, bf16 or f16 (float accumulation; double when q is double).
+template <class TQ, class TK, class TV, class TO, class TL = TO>
+void flash_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v, tensor_view<TO, 4> out,
+                     const attention_params& p = {}, tensor_view<TL, 3> lse = {}) {
+  detail::check_element_types<TQ, TK, TV, TO, TL>();
+  const attention_shape s = detail::validate_attention("flash_attention", q, k, v, out, p, lse);
+  if (s.batch == 0 || s.q_len == 0 || s.q_heads == 0) return;
+  const auto bias = detail::broadcast_to(p.bias, {s.batch, s.q_heads, s.q_len, s.kv_len});
+  using A = detail::softmax_accum_t<TQ>;
+  if (std::is_same_v<A, float> && s.q_len <= flash_tiles::decode_max_q && s.kv_len > 0)
+    detail::flash_decode(q, k, v, out, p, lse, s, bias);
+  else
+    detail::flash_prefill<A>(q, k, v, out, p, lse, s, bias);
+}
+
+// Combines two partial attention results over disjoint key sets of the same queries:
+//   lse = log(exp(lse_a) + exp(lse_b)),  o = (exp(lse_a - lse) o_a + exp(lse_b - lse) o_b).
+// A side with lse -inf (it saw no key) contributes nothing; both -inf give o = 0 and lse = -inf.
+// o may be the same view as o_a or o_b (in-place merge). lse may be empty (not written).
+template <class TA, class TLA, class TB, class TLB, class TO, class TL = TO>
+void merge_attention_states(tensor_view<TA, 4> o_a, tensor_view<TLA, 3> lse_a, tensor_view<TB, 4> o_b,
+                            tensor_view<TLB, 3> lse_b, tensor_view<TO, 4> o, tensor_view<TL, 3> lse = {}) {
+  static_assert(is_output_element_v<std::remove_const_t<TA>> && is_output_element_v<std::remove_const_t<TB>> &&
+                    is_output_element_v<std::remove_const_t<TLA>> && is_output_element_v<std::remove_const_t<TLB>>,
+                "partial states must be float or double");
+  static_assert(is_output_element_v<TO> && is_output_element_v<TL>, "o and lse must be (non-const) float or double");
+  constexpr const char* fn = "merge_attention_states";
+  const index_t B = o_a.extent(0), N = o_a.extent(1), H = o_a.extent(2), D = o_a.extent(3);
+  detail::require_extents(fn, "o_b", o_b, {B, N, H, D}, "(batch, seq, head, dim) as o_a");
+  detail::require_extents(fn, "o", o, {B, N, H, D}, "(batch, seq, head, dim) as o_a");
+  detail::require_extents(fn, "lse_a", lse_a, {B, H, N}, "(batch, head, seq)");
+  detail::require_extents(fn, "lse_b", lse_b, {B, H, N}, "(batch, head, seq)");
+  if (lse.data() || !lse.empty()) detail::require_extents(fn, "lse", lse, {B, H, N}, "(batch, head, seq)");
+  using A = std::conditional_t<std::is_same_v<TO, double>, double, float>;
+  parallel_for(B * N * H, 64, [&](index_t r0, index_t r1) {
+    for (index_t r = r0; r < r1; ++r) {
+      const index_t h = r % H, i = (r / H) % N, b = r / (H * N);
+      const auto mw = kernels::merge_lse<A>(A(lse_a(b, h, i)), A(lse_b(b, h, i)));
+      for (index_t e = 0; e < D; ++e) {
+        const A a = mw.w_a == A(0) ? A(0) : mw.w_a * A(o_a(b, i, h, e));
+        const A c = mw.w_b == A(0) ? A(0) : mw.w_b * A(o_b(b, i, h, e));
+        o(b, i, h, e) = TO(a + c);
+      }
+      if (lse.data()) lse(b, h, i) = TL(mw.lse);
+    }
+  });
+}
+
+}  // namespace attnkit

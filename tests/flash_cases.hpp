@@ -1,0 +1,73 @@
+// A softmax-attention test case run through an operator and through reference_attention on the
+// same (rounded) inputs in double precision. Shared by the flash, sparse and block-sparse tests.
+#pragma once
+
+#include "test_util.hpp"
+
+namespace attnkit::test {
+
+struct attn_case {
+  index_t B = 1, Nq = 8, Nk = 8, Hq = 1, Hkv = 1, D = 16, Dv = -1;  // Dv -1: same as D
+  attention_params p{};
+  layout lay = layout::bshd;
+  float q_amp = 1.f, k_amp = 1.f, v_amp = 1.f;
+  std::uint64_t seed = 1;
+  std::vector<float> bias_data{};   // when non-empty, p.bias is built over it with `bias_extents`
+  std::array<index_t, 4> bias_extents{};
+  std::vector<float> slopes{};
+  std::vector<index_t> lengths{};
+  index_t dv() const { return Dv < 0 ? D : Dv; }
+};
+
+inline std::string describe(const attn_case& c) {
+  return detail::concat("B=", c.B, " Nq=", c.Nq, " Nk=", c.Nk, " Hq=", c.Hq, " Hkv=", c.Hkv, " D=", c.D, " Dv=", c.dv(),
+                        " causal=", c.p.causal, " wl=", c.p.window_left, " wr=", c.p.window_right,
+                        " softcap=", c.p.softcap, " bias=", !c.bias_data.empty(), " alibi=", !c.slopes.empty(),
+                        " kv_lengths=", !c.lengths.empty(), " layout=", layout_name(c.lay), " seed=", c.seed);
+}
+
+struct attn_result {
+  error_stats out;
+  double lse_err = 0;
+};
+
+// Runs op(q, k, v, out, params, lse) with q/k/v of element T and out/lse of element O, and the
+// reference on double copies of the same inputs.
+template <class T, class O = float, class Op>
+attn_result run_against_reference(attn_case c, Op&& op) {
+  tensor4<T> q(c.B, c.Nq, c.Hq, c.D, c.lay), k(c.B, c.Nk, c.Hkv, c.D, c.lay), v(c.B, c.Nk, c.Hkv, c.dv(), c.lay);
+  tensor4<O> out(c.B, c.Nq, c.Hq, c.dv(), c.lay);
+  fill_uniform(q, c.seed * 3 + 1, c.q_amp);
+  fill_uniform(k, c.seed * 3 + 2, c.k_amp);
+  fill_uniform(v, c.seed * 3 + 3, c.v_amp);
+  if (!c.bias_data.empty()) {
+    const auto& e = c.bias_extents;
+    c.p.bias = tensor_view<const float, 4>(c.bias_data.data(), e, {e[1] * e[2] * e[3], e[2] * e[3], e[3], 1});
+  }
+  if (!c.slopes.empty()) c.p.alibi_slopes = c.slopes.data();
+  if (!c.lengths.empty()) c.p.kv_lengths = c.lengths.data();
+  tensor3<O> lse(c.B, c.Hq, c.Nq);
+  op(q.view, k.view, v.view, out.view, c.p, lse.view);
+
+  const auto qd = to_double(q.view), kd = to_double(k.view), vd = to_double(v.view);
+  tensor4<double> ref(c.B, c.Nq, c.Hq, c.dv());
+  tensor3<double> ref_lse(c.B, c.Hq, c.Nq);
+  reference_attention(qd.view, kd.view, vd.view, ref.view, c.p, ref_lse.view);
+  attn_result r;
+  r.out = compare(out.view, ref.view);
+  r.lse_err = lse_abs_error(lse.view, ref_lse.view);
+  return r;
+}
+
+// Random per-(b, h, i, j) bias with -inf entries sprinkled in.
+inline std::vector<float> random_bias(std::size_t n, std::uint64_t seed, bool with_neg_inf) {
+  auto g = rng(seed);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  std::vector<float> b(n);
+  for (auto& x : b) x = u(g);
+  if (with_neg_inf)
+    for (std::size_t i = 0; i < n; i += 7) b[i] = -std::numeric_limits<float>::infinity();
+  return b;
+}
+
+}  // namespace attnkit::test
