@@ -52,3 +52,22 @@ TEST_CASE("gemm_acc equals a plain triple loop for every remainder of rows and v
             CHECK(err_d <= 1e-13 * double(K + 1));
           }
 }
+
+TEST_CASE("dot_rows equals per-row dot products for every row count") {
+  auto g = test::rng(11);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (index_t n : {simd::width, 2 * simd::width, 8 * simd::width})
+    for (index_t nr : {index_t(1), index_t(5), simd::width, simd::width + 3, 4 * simd::width}) {
+      const index_t ld = n + simd::width;
+      std::vector<float> x(static_cast<std::size_t>(n)), rows(static_cast<std::size_t>(kernels::pad_to_width(nr) * ld)),
+          out(static_cast<std::size_t>(kernels::pad_to_width(nr)));
+      for (auto& e : x) e = u(g);
+      for (auto& e : rows) e = u(g);
+      kernels::dot_rows(x.data(), rows.data(), ld, n, nr, out.data());
+      for (index_t j = 0; j < nr; ++j) {
+        double want = 0;
+        for (index_t d = 0; d < n; ++d) want += double(x[d]) * rows[j * ld + d];
+        CHECK(out[j] == Approx(want).margin(1e-5));
+      }
+    }
+}

@@ -84,3 +84,19 @@ TEST_CASE("tails, reductions, dot, axpy and max_of handle lengths below and abov
   CHECK(simd::hsum(t) == Approx(3.f - 5.f * static_cast<float>(simd::width - 2)));
   CHECK(simd::max_of(nullptr, 0) == -std::numeric_limits<float>::infinity());
 }
+
+TEST_CASE("hsum_rows puts the sum of row j in lane j") {
+  simd::vec rows[simd::width];
+  for (index_t j = 0; j < simd::width; ++j) {
+    alignas(64) float t[simd::width];
+    for (index_t l = 0; l < simd::width; ++l) t[l] = float(j * 1000 + l * l);
+    rows[j] = simd::vec::load_aligned(t);
+  }
+  alignas(64) float out[simd::width];
+  simd::hsum_rows(rows).store_aligned(out);
+  for (index_t j = 0; j < simd::width; ++j) {
+    float want = 0;
+    for (index_t l = 0; l < simd::width; ++l) want += float(j * 1000 + l * l);
+    CHECK(out[j] == want);
+  }
+}

@@ -113,6 +113,25 @@ inline void gemm_set(index_t M, index_t N, index_t K, const T* a, index_t rs_a, 
   detail::gemm(M, N, K, a, rs_a, cs_a, b, ldb, c, ldc, nullptr, true);
 }
 
+// out[j] = dot(x, rows + j * ld) over n elements for j < pad_to_width(nr): simd::width rows at a
+// time, each with its own accumulator (independent FMA chains), summed across lanes in one
+// transposing reduction. n must be a multiple of simd::width and `rows` must hold
+// pad_to_width(nr) rows (the results beyond nr are unspecified). For few query rows against
+// many keys, where a GEMM would leave most lanes idle.
+inline void dot_rows(const float* x, const float* rows, index_t ld, index_t n, index_t nr, float* out) {
+  using simd::vec;
+  constexpr index_t W = simd::width;
+  for (index_t j0 = 0; j0 < nr; j0 += W) {
+    vec acc[W];
+    for (index_t j = 0; j < W; ++j) acc[j] = vec(0.f);
+    for (index_t d = 0; d < n; d += W) {
+      const vec xv = simd::load(x + d);
+      for (index_t j = 0; j < W; ++j) acc[j] = simd::fma(xv, simd::load(rows + (j0 + j) * ld + d), acc[j]);
+    }
+    simd::store(out + j0, simd::hsum_rows(acc));
+  }
+}
+
 // Rounds n up to a multiple of the vector width (the padding gemm_acc needs on N).
 inline constexpr index_t pad_to_width(index_t n) { return (n + simd::width - 1) / simd::width * simd::width; }
 

@@ -6,9 +6,10 @@
 //    kernels::softmax_block. Tiles outside every row's causal/window range are never visited;
 //    elementwise masks are applied only on tiles that straddle a range boundary.
 //  * decode (few query rows, typically a KV-cache step): the keys are split into fixed chunks of
-//    decode_chunk keys processed in parallel (Flash-Decoding); within a chunk every K/V row is
-//    converted once and used by all query rows of all heads of its GQA group; the partial states
-//    are then merged in chunk order with merge_attention_states' formula.
+//    decode_chunk keys processed in parallel (Flash-Decoding); a chunk covers all heads so its
+//    K/V are read as one sequential stream, every K/V row is converted once and used by all query
+//    rows of its GQA group, and the partial states are merged in chunk order with
+//    merge_attention_states' formula.
 // Results are bitwise identical for any number of threads.
 #pragma once
 
@@ -29,8 +30,8 @@ struct flash_tiles {
   static constexpr index_t block_q = kernels::gemm_nv * simd::width * (simd::width >= 16 ? 1 : 2);
   static constexpr index_t block_k = 64;
   static constexpr index_t decode_max_q = 4;    // query rows per head up to which decode is used
-  static constexpr index_t decode_chunk = 1024;  // keys per parallel decode chunk
-  static constexpr index_t decode_block = 64;   // keys per decode tile inside a chunk
+  static constexpr index_t decode_chunk = 512;   // keys per parallel decode chunk
+  static constexpr index_t decode_block = 32;   // keys per decode tile inside a chunk
 };
 
 namespace detail {
@@ -110,7 +111,21 @@ void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, con
   });
 }
 
-// Decode: R = group * Nq rows (row r = head-in-group * Nq + query) share every K/V row of a chunk.
+// Prefetches rows [k0, k0 + nk) of head h of batch b (clamped to `end`) into the caches. Issued per head,
+// two tiles ahead, the prefetches are spread over the computation of the current tile.
+template <class T>
+void prefetch_rows(const tensor_view<T, 4>& x, index_t b, index_t h, index_t k0, index_t nk, index_t end) {
+  const std::size_t row_bytes = std::size_t(x.extent(3)) * sizeof(T);
+  if (x.stride(3) != 1) return;
+  for (index_t j = k0; j < std::min(k0 + nk, end); ++j) simd::prefetch(&x(b, j, h, 0), row_bytes);
+}
+
+// Decode. Work items are (batch, chunk of decode_chunk keys) over all heads, so each item streams
+// one contiguous stretch of the KV cache (prefetched a tile ahead); inside, each kv head's K/V tile
+// is converted once into an L1-sized float tile and used by all G * Nq query rows of its GQA group
+// (row r = h * Nq + i). Chunk states are merged in chunk order. Measured on the dev machine, the
+// f16 -> float conversion stream itself tops out near 18 GB/s per core (DRAM latency, not
+// instructions), which is what bounds decode; see the README's table.
 template <class TQ, class TK, class TV, class TO, class TL>
 void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
                   const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
@@ -120,10 +135,11 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
   const float scale = effective_scale<float>(p.scale, s.head_dim);
   const float cap = p.softcap;
   const float ninf = -std::numeric_limits<float>::infinity();
-  const index_t G = s.group(), R = G * s.q_len;
+  const index_t G = s.group(), Nq = s.q_len, Hq = s.q_heads, Hkv = s.kv_heads;
+  const index_t R = Hq * Nq, GR = G * Nq;  // rows per item, rows per kv head
   const index_t Dp = kernels::pad_to_width(s.head_dim), Dvp = kernels::pad_to_width(s.value_dim);
   const index_t nc = std::max<index_t>(1, (s.kv_len + C - 1) / C);
-  const index_t items = s.batch * s.kv_heads * nc;
+  const index_t items = s.batch * nc;
   // Partial states per (item, row): normalised output (Dv) and lse. Only allocated when split.
   std::vector<float> part_o(nc > 1 ? std::size_t(items * R * s.value_dim) : 0);
   std::vector<float> part_lse(nc > 1 ? std::size_t(items * R) : 0);
@@ -136,61 +152,66 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
     float* kt = kernels::thread_scratch<float>(kernels::slot_k_tile, std::size_t(BK * Dp));
     float* vt = kernels::thread_scratch<float>(kernels::slot_v_tile, std::size_t(BK * Dvp));
     float *m = stats, *l = stats + R;
-    std::vector<kernels::logit_editor<float>> eds(static_cast<std::size_t>(G));
+    std::vector<kernels::logit_editor<float>> eds(static_cast<std::size_t>(Hq));
     for (index_t w = w0; w < w1; ++w) {
-      const index_t c = w % nc, hk = (w / nc) % s.kv_heads, b = w / (nc * s.kv_heads);
-      for (index_t g = 0; g < G; ++g) eds[g] = make_editor<float>(p, bias, s, b, hk * G + g);
-      const auto& e0 = eds[0];
-      // Keys of this chunk any row may see.
+      const index_t c = w % nc, b = w / nc;
+      for (index_t h = 0; h < Hq; ++h) eds[h] = make_editor<float>(p, bias, s, b, h);
+      // Keys of this chunk that any row may see (the ranges do not depend on the head).
       index_t lo0, hi0, lo1, hi1;
-      e0.key_range(0, lo0, hi0);
-      e0.key_range(s.q_len - 1, lo1, hi1);
+      eds[0].key_range(0, lo0, hi0);
+      eds[0].key_range(Nq - 1, lo1, hi1);
       const index_t c0 = std::max(lo0, c * C), c1 = std::min(hi1, (c + 1) * C);
-      for (index_t g = 0; g < G; ++g)
-        for (index_t i = 0; i < s.q_len; ++i)
-          kernels::convert_tile(qf + (g * s.q_len + i) * Dp, Dp, &q(b, i, hk * G + g, 0), 1, s.head_dim, 0, q.stride(3));
-      for (index_t r = 0; r < R; ++r) simd::scale(qf + r * Dp, scale, Dp);
+      for (index_t h = 0; h < Hq; ++h)
+        for (index_t i = 0; i < Nq; ++i) {
+          float* qr = qf + (h * Nq + i) * Dp;
+          kernels::convert_tile(qr, Dp, &q(b, i, h, 0), 1, s.head_dim, 0, q.stride(3));
+          simd::scale(qr, scale, Dp);
+        }
       std::fill(o, o + R * Dvp, 0.f);
       std::fill(m, m + R, ninf);
       std::fill(l, l + R, 0.f);
       for (index_t k0 = c0; k0 < c1; k0 += BK) {
         const index_t nk = std::min(BK, c1 - k0);
-        kernels::convert_tile(kt, Dp, &k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3));
-        kernels::convert_tile(vt, Dvp, &v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3));
-        for (index_t r = 0; r < R; ++r)
-          for (index_t jj = 0; jj < nk; ++jj) sc[r * BK + jj] = simd::dot(qf + r * Dp, kt + jj * Dp, Dp);
-        if (cap > 0)
-          for (index_t r = 0; r < R; ++r) kernels::apply_softcap(sc + r * BK, nk, cap);
         const bool boundary = !(k0 >= lo1 && k0 + nk <= hi0);
-        for (index_t g = 0; g < G; ++g)
-          eds[g].apply(sc + g * s.q_len * BK, 1, BK, nk, [k0](index_t jj) { return k0 + jj; }, 0, s.q_len, boundary);
-        for (index_t r = 0; r < R; ++r) {
-          float* sr = sc + r * BK;
-          const float mx = std::max(m[r], simd::max_of(sr, nk));
-          const float safe = kernels::safe_max(mx);
-          const float alpha = std::exp(m[r] - safe);
-          vec sum(0.f);
-          index_t jj = 0;
-          for (; jj + simd::width <= nk; jj += simd::width) {
-            const vec pj = simd::exp(simd::load(sr + jj) - vec(safe));
-            simd::store(sr + jj, pj);
-            sum += pj;
+        for (index_t hk = 0; hk < Hkv; ++hk) {
+          prefetch_rows(k, b, hk, k0 + 2 * BK, BK, c1);
+          prefetch_rows(v, b, hk, k0 + 2 * BK, BK, c1);
+          kernels::convert_tile(kt, Dp, &k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3));
+          for (index_t r = hk * GR; r < (hk + 1) * GR; ++r) kernels::dot_rows(qf + r * Dp, kt, Dp, Dp, nk, sc + r * BK);
+          for (index_t h = hk * G; h < (hk + 1) * G; ++h) {
+            if (cap > 0)
+              for (index_t r = h * Nq; r < (h + 1) * Nq; ++r) kernels::apply_softcap(sc + r * BK, nk, cap);
+            eds[h].apply(sc + h * Nq * BK, 1, BK, nk, [k0](index_t jj) { return k0 + jj; }, 0, Nq, boundary);
           }
-          if (jj < nk) {
-            const vec pj = simd::exp(simd::load_tail(sr + jj, nk - jj, ninf) - vec(safe));
-            simd::store_tail(sr + jj, pj, nk - jj);
-            sum += pj;
+          for (index_t r = hk * GR; r < (hk + 1) * GR; ++r) {
+            float* sr = sc + r * BK;
+            const float mx = std::max(m[r], simd::max_of(sr, nk));
+            const float safe = kernels::safe_max(mx);
+            const float alpha = std::exp(m[r] - safe);
+            vec sum(0.f);
+            index_t jj = 0;
+            for (; jj + simd::width <= nk; jj += simd::width) {
+              const vec pj = simd::exp(simd::load(sr + jj) - vec(safe));
+              simd::store(sr + jj, pj);
+              sum += pj;
+            }
+            if (jj < nk) {
+              const vec pj = simd::exp(simd::load_tail(sr + jj, nk - jj, ninf) - vec(safe));
+              simd::store_tail(sr + jj, pj, nk - jj);
+              sum += pj;
+            }
+            // NaN logits are skipped by max_of but not by exp: they reach l and so the output.
+            l[r] = l[r] * alpha + simd::hsum(sum);
+            m[r] = mx;
+            simd::scale(o + r * Dvp, alpha, Dvp);
           }
-          // NaN logits are skipped by max_of but not by exp: they reach l and so the output.
-          l[r] = l[r] * alpha + simd::hsum(sum);
-          m[r] = mx;
-          simd::scale(o + r * Dvp, alpha, Dvp);
+          kernels::convert_tile(vt, Dvp, &v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3));
+          kernels::gemm_acc(GR, Dvp, nk, sc + hk * GR * BK, BK, 1, vt, Dvp, o + hk * GR * Dvp, Dvp);
         }
-        kernels::gemm_acc(R, Dvp, nk, sc, BK, 1, vt, Dvp, o, Dvp);
       }
       // Normalise; write the final rows directly when there is a single chunk.
       for (index_t r = 0; r < R; ++r) {
-        const index_t g = r / s.q_len, i = r % s.q_len, h = hk * G + g;
+        const index_t h = r / Nq, i = r % Nq;
         const bool empty = l[r] == 0.f;
         const float inv = empty ? 0.f : 1.f / l[r];
         const float row_lse = empty ? ninf : m[r] + std::log(l[r]);
@@ -207,12 +228,11 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
   });
   if (nc == 1) return;
   // Merge the chunks of every row in chunk order.
-  parallel_for(s.batch * s.kv_heads * R, 16, [&](index_t r0, index_t r1) {
+  parallel_for(s.batch * R, 16, [&](index_t x0, index_t x1) {
     std::vector<float> acc(static_cast<std::size_t>(s.value_dim));
-    for (index_t x = r0; x < r1; ++x) {
-      const index_t r = x % R, hk = (x / R) % s.kv_heads, b = x / (R * s.kv_heads);
-      const index_t g = r / s.q_len, i = r % s.q_len, h = hk * G + g;
-      const index_t w_first = (b * s.kv_heads + hk) * nc;
+    for (index_t x = x0; x < x1; ++x) {
+      const index_t r = x % R, b = x / R, h = r / Nq, i = r % Nq;
+      const index_t w_first = b * nc;
       float run_lse = part_lse[std::size_t(w_first * R + r)];
       const float* po = part_o.data() + (w_first * R + r) * s.value_dim;
       std::copy(po, po + s.value_dim, acc.begin());

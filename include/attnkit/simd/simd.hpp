@@ -77,6 +77,12 @@ inline void store_tail(float* p, const vec& x, index_t n) {
   for (index_t i = 0; i < n; ++i) p[i] = tmp[i];
 }
 
+// Hints the hardware to bring [p, p + bytes) into the caches ahead of use.
+inline void prefetch(const void* p, std::size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 // ---- arithmetic ---------------------------------------------------------------------------------
 
 inline vec fma(const vec& a, const vec& b, const vec& c) { return xsimd::fma(a, b, c); }
@@ -85,6 +91,29 @@ inline vec fma(const vec& a, const vec& b, const vec& c) { return xsimd::fma(a, 
 inline vec exp(const vec& x) { return xsimd::exp(x); }
 
 inline float hsum(const vec& x) { return xsimd::hadd(x); }
+
+// Transposing reduction: lane j of the result is the sum of the lanes of rows[j], j < width.
+// xsimd 8.1's haddp permutes lanes 2..5 and 10..13 of its AVX-512 result, so AVX-512 has its own
+// (unpack/add, then 128-bit lane shuffles); other targets use xsimd's, checked by test_simd.
+inline vec hsum_rows(const vec* rows) {
+#if defined(__AVX512F__)
+  __m512 t[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = rows[2 * i], b = rows[2 * i + 1];
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  __m512 u[4];  // u[k], 128-bit lane L, element e: sum of rows[4k + e] over lane L
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(t[2 * k]), b = _mm512_castps_pd(t[2 * k + 1]);
+    u[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return vec(_mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD)));
+#else
+  return xsimd::haddp(rows);
+#endif
+}
 
 inline float hmax(const vec& x) {
   alignas(64) float tmp[width];
