@@ -99,6 +99,40 @@ struct logit_editor {
   }
 };
 
+// Pointer to a K or V tile readable in the accumulation type A: the original memory when the
+// element type already is A, else a converted copy in the thread's scratch slot (padded rows of
+// `ld` = cols elements, so the returned strides are (ld, 1)).
+template <class A, class T>
+const A* tile_as(const T* src, index_t rows, index_t cols, index_t rs, index_t cs, std::size_t slot,
+                 index_t& out_rs, index_t& out_cs) {
+  if constexpr (std::is_same_v<std::remove_const_t<T>, A>) {
+    out_rs = rs;
+    out_cs = cs;
+    return src;
+  } else {
+    A* dst = thread_scratch<A>(slot, std::size_t(std::max<index_t>(rows * cols, 1)));
+    convert_tile(dst, cols, src, rows, cols, rs, cs);
+    out_rs = cols;
+    out_cs = 1;
+    return dst;
+  }
+}
+
+template <class A>
+logit_editor<A> make_editor(const attention_params& p, const tensor_view<const float, 4>& bias,
+                                     const attention_shape& s, index_t b, index_t h) {
+  logit_editor<A> e;
+  if (bias.data()) e.bias = bias.fix(0, b).fix(0, h);
+  if (p.alibi_slopes) {
+    e.alibi = true;
+    e.slope = A(p.alibi_slopes[h]);
+  }
+  e.mask = attention_mask{p.causal, p.window_left, p.window_right};
+  e.len = p.kv_lengths ? p.kv_lengths[b] : s.kv_len;
+  e.offset = e.len - s.q_len;
+  return e;
+}
+
 template <class A>
 class softmax_block {
  public:

@@ -40,40 +40,6 @@ namespace detail {
 template <class TQ>
 using softmax_accum_t = accum_t<std::remove_const_t<TQ>>;
 
-// Pointer to a K or V tile readable in the accumulation type A: the original memory when the
-// element type already is A, else a converted copy in the thread's scratch slot (padded rows of
-// `ld` = cols elements, so the returned strides are (ld, 1)).
-template <class A, class T>
-const A* tile_as(const T* src, index_t rows, index_t cols, index_t rs, index_t cs, std::size_t slot,
-                 index_t& out_rs, index_t& out_cs) {
-  if constexpr (std::is_same_v<std::remove_const_t<T>, A>) {
-    out_rs = rs;
-    out_cs = cs;
-    return src;
-  } else {
-    A* dst = kernels::thread_scratch<A>(slot, std::size_t(std::max<index_t>(rows * cols, 1)));
-    kernels::convert_tile(dst, cols, src, rows, cols, rs, cs);
-    out_rs = cols;
-    out_cs = 1;
-    return dst;
-  }
-}
-
-template <class A>
-kernels::logit_editor<A> make_editor(const attention_params& p, const tensor_view<const float, 4>& bias,
-                                     const attention_shape& s, index_t b, index_t h) {
-  kernels::logit_editor<A> e;
-  if (bias.data()) e.bias = bias.fix(0, b).fix(0, h);
-  if (p.alibi_slopes) {
-    e.alibi = true;
-    e.slope = A(p.alibi_slopes[h]);
-  }
-  e.mask = attention_mask{p.causal, p.window_left, p.window_right};
-  e.len = p.kv_lengths ? p.kv_lengths[b] : s.kv_len;
-  e.offset = e.len - s.q_len;
-  return e;
-}
-
 template <class A, class TQ, class TK, class TV, class TO, class TL>
 void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
                    const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
@@ -87,7 +53,7 @@ void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, con
     for (index_t w = w0; w < w1; ++w) {
       const index_t qb = w % nqb, h = (w / nqb) % s.q_heads, b = w / (nqb * s.q_heads);
       const index_t hk = h / s.group(), q0 = qb * BQ, rows = std::min(BQ, s.q_len - q0);
-      const auto ed = make_editor<A>(p, bias, s, b, h);
+      const auto ed = kernels::make_editor<A>(p, bias, s, b, h);
       blk.start(rows, s.head_dim, s.value_dim, BK);
       blk.load_queries(&q(b, q0, h, 0), q.stride(1), q.stride(3), scale);
       index_t lo_first, hi_first, lo_last, hi_last;
@@ -96,13 +62,13 @@ void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, con
       for (index_t k0 = lo_first; k0 < hi_last; k0 += BK) {
         const index_t nk = std::min(BK, hi_last - k0);
         index_t krs, kcs, vrs, vcs;
-        const A* kt = tile_as<A>(&k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3), kernels::slot_k_tile, krs, kcs);
+        const A* kt = kernels::tile_as<A>(&k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3), kernels::slot_k_tile, krs, kcs);
         A* st = blk.scores(kt, krs, kcs, nk);
         if (cap > 0) kernels::apply_softcap(st, nk * blk.ld(), cap);
         const bool boundary = !(k0 >= lo_last && k0 + nk <= hi_first);
         ed.apply(st, blk.ld(), 1, nk, [k0](index_t jj) { return k0 + jj; }, q0, rows, boundary);
         blk.update(nk);
-        const A* vt = tile_as<A>(&v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3), kernels::slot_v_tile, vrs, vcs);
+        const A* vt = kernels::tile_as<A>(&v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3), kernels::slot_v_tile, vrs, vcs);
         blk.accumulate(vt, vrs, vcs, nk);
       }
       TL* lse_ptr = lse.data() ? &lse(b, h, q0) : nullptr;
@@ -155,7 +121,7 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
     std::vector<kernels::logit_editor<float>> eds(static_cast<std::size_t>(Hq));
     for (index_t w = w0; w < w1; ++w) {
       const index_t c = w % nc, b = w / nc;
-      for (index_t h = 0; h < Hq; ++h) eds[h] = make_editor<float>(p, bias, s, b, h);
+      for (index_t h = 0; h < Hq; ++h) eds[h] = kernels::make_editor<float>(p, bias, s, b, h);
       // Keys of this chunk that any row may see (the ranges do not depend on the head).
       index_t lo0, hi0, lo1, hi1;
       eds[0].key_range(0, lo0, hi0);
