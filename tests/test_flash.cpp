@@ -229,6 +229,28 @@ TEST_CASE("flash: bf16, f16 and double inputs") {
   }
 }
 
+TEST_CASE("flash: bf16 prefill, which uses the BF16 pair dot products where the target has them") {
+  INFO("bf16 pair dot path compiled: " << simd::has_bf16_dot);
+  for (index_t D : {2, 30, 64, 80, 128})
+    for (int variant = 0; variant < 3; ++variant) {
+      attn_case c;
+      c.B = 2;
+      c.Nq = 70;
+      c.Nk = 133;
+      c.Hq = 4;
+      c.Hkv = 2;
+      c.D = D;
+      c.p.causal = variant != 1;
+      if (variant == 1) c.p.softcap = 2.f;
+      if (variant == 2) {
+        c.slopes = {0.1f, 0.2f, 0.3f, 0.4f};
+        c.p.scale = 0.3f;
+      }
+      c.seed = std::uint64_t(D * 3 + variant);
+      check<bf16>(c);
+    }
+}
+
 TEST_CASE("flash: NaN in one query row stays in that row") {
   for (index_t nq : {3, 40}) {
     tensor4<float> q(1, nq, 2, 8), k(1, 30, 2, 8), v(1, 30, 2, 8), out(1, nq, 2, 8);

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -164,6 +165,30 @@ class softmax_block {
       for (index_t c = rows_; c < ld_; ++c) row[c] = A(0);
     }
   }
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  // bf16 queries kept unscaled as bf16 pairs, for scores_bf16 (head dim must be even).
+  void load_queries_bf16(const bf16* q, index_t row_stride, index_t dim_stride) {
+    static_assert(std::is_same_v<A, float>);
+    auto* q2 = reinterpret_cast<std::uint32_t*>(qt_);  // d/2 rows of ld pairs fit in qt_'s d x ld floats
+    for (index_t dp = 0; dp < d_ / 2; ++dp)
+      for (index_t c = 0; c < ld_; ++c) {
+        std::uint16_t lo = 0, hi = 0;
+        if (c < rows_) {
+          lo = Eigen::numext::bit_cast<std::uint16_t>(q[c * row_stride + 2 * dp * dim_stride]);
+          hi = Eigen::numext::bit_cast<std::uint16_t>(q[c * row_stride + (2 * dp + 1) * dim_stride]);
+        }
+        q2[dp * ld_ + c] = std::uint32_t(lo) | (std::uint32_t(hi) << 16);
+      }
+  }
+
+  // S^T = scale * K Q^T with bf16 keys (contiguous elements) through the BF16 dot-product
+  // instructions; queries loaded with load_queries_bf16.
+  A* scores_bf16(const bf16* k, index_t key_stride, index_t nk, A scale) {
+    gemm_bf16_set(nk, ld_, d_ / 2, k, key_stride, reinterpret_cast<const std::uint32_t*>(qt_), ld_, st_, ld_, scale);
+    return st_;
+  }
+#endif
 
   // S^T (nk x ld) = K Q^T for keys at k[jj * key_stride + d * dim_stride]. Returns S^T, row-major
   // with leading dimension ld(), for the caller to edit before update().

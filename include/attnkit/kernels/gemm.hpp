@@ -8,6 +8,9 @@
 // blocking, so results do not depend on tile sizes.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
+
 #include "attnkit/simd/simd.hpp"
 
 namespace attnkit::kernels {
@@ -112,6 +115,61 @@ inline void gemm_set(index_t M, index_t N, index_t K, const T* a, index_t rs_a, 
                      index_t ldb, T* c, index_t ldc) {
   detail::gemm(M, N, K, a, rs_a, cs_a, b, ldb, c, ldc, nullptr, true);
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+namespace detail {
+template <int MR, int NV>
+inline void gemm_bf16_block(index_t KP, const bf16* a, index_t rs_a, const std::uint32_t* b, index_t ldb, float* c,
+                            index_t ldc, float scale) {
+  using simd::vec;
+  constexpr index_t W = simd::width;
+  vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vec(0.f);
+  for (index_t kp = 0; kp < KP; ++kp) {
+    const std::uint32_t* bk = b + kp * ldb;
+    for (int r = 0; r < MR; ++r) {
+      std::uint32_t pair;
+      std::memcpy(&pair, a + r * rs_a + 2 * kp, sizeof(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = simd::dot_bf16_pairs(acc[r][v], pair, bk + v * W);
+    }
+  }
+  const vec sv(scale);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) simd::store(c + r * ldc + v * W, acc[r][v] * sv);
+}
+
+template <int MR>
+inline void gemm_bf16_rows(index_t N, index_t KP, const bf16* a, index_t rs_a, const std::uint32_t* b, index_t ldb,
+                           float* c, index_t ldc, float scale) {
+  constexpr index_t W = simd::width;
+  index_t n = 0;
+  for (; n + gemm_nv * W <= N; n += gemm_nv * W) gemm_bf16_block<MR, gemm_nv>(KP, a, rs_a, b + n, ldb, c + n, ldc, scale);
+  const index_t rest = (N - n) / W;
+  if (rest == 2) gemm_bf16_block<MR, 2>(KP, a, rs_a, b + n, ldb, c + n, ldc, scale);
+  else if (rest == 1) gemm_bf16_block<MR, 1>(KP, a, rs_a, b + n, ldb, c + n, ldc, scale);
+}
+
+template <int MR>
+inline void gemm_bf16_tail(index_t rows, index_t N, index_t KP, const bf16* a, index_t rs_a, const std::uint32_t* b,
+                           index_t ldb, float* c, index_t ldc, float scale) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return gemm_bf16_rows<MR>(N, KP, a, rs_a, b, ldb, c, ldc, scale);
+    gemm_bf16_tail<MR - 1>(rows, N, KP, a, rs_a, b, ldb, c, ldc, scale);
+  }
+}
+}  // namespace detail
+
+// C[m][n] = scale * sum_k A[m][k] * B[k][n] with bf16 A rows (a + m * rs_a, elements contiguous,
+// 2 * KP of them) and B packed as bf16 pairs: b[kp * ldb + n] holds (B[2kp][n], B[2kp+1][n]).
+// Uses the AVX-512 BF16 pair dot product: twice the multiply-adds of a float FMA per instruction.
+inline void gemm_bf16_set(index_t M, index_t N, index_t KP, const bf16* a, index_t rs_a, const std::uint32_t* b,
+                          index_t ldb, float* c, index_t ldc, float scale) {
+  index_t m = 0;
+  for (; m + gemm_mr <= M; m += gemm_mr) detail::gemm_bf16_rows<gemm_mr>(N, KP, a + m * rs_a, rs_a, b, ldb, c + m * ldc, ldc, scale);
+  if (m < M) detail::gemm_bf16_tail<gemm_mr - 1>(M - m, N, KP, a + m * rs_a, rs_a, b, ldb, c + m * ldc, ldc, scale);
+}
+#endif
 
 // out[j] = dot(x, rows + j * ld) over n elements for j < pad_to_width(nr): simd::width rows at a
 // time, each with its own accumulator (independent FMA chains), summed across lanes in one

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 
@@ -122,6 +123,20 @@ inline float hmax(const vec& x) {
   for (index_t i = 1; i < width; ++i) m = tmp[i] > m ? tmp[i] : m;
   return m;
 }
+
+// ---- bf16 pair dot products (AVX-512 BF16) --------------------------------------------------------
+// A 32-bit lane holds two bf16 values (elements d, d + 1 of a row). dot_bf16_pairs adds, per lane,
+// a0 * b0 + a1 * b1 to acc in float (products exact, one rounding per addition), with `a` one pair
+// broadcast to every lane and `b` a vector of pairs. Only where the target has the instructions.
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+inline constexpr bool has_bf16_dot = true;
+inline vec dot_bf16_pairs(const vec& acc, std::uint32_t a, const std::uint32_t* b) {
+  const __m512i bv = _mm512_loadu_si512(static_cast<const void*>(b));
+  return vec(_mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a)), (__m512bh)bv));
+}
+#else
+inline constexpr bool has_bf16_dot = false;
+#endif
 
 // ---- whole-array helpers (any length; vector body, masked tail) ---------------------------------
 
