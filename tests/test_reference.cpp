@@ -280,6 +280,8 @@ TEST_CASE("reference_attention validates every argument and leaves out untouched
   expect([&] { reference_attention(q.view, k_bad_heads.view, v.view, out.view); }, {"k", "dividing", "got 3"});
   expect([&] { reference_attention(q.view, k.view, v_bad.view, out.view); }, {"v", "(2, 4, 2, 5)", "(2, 5, 2, 5)"});
   expect([&] { reference_attention(q.view, k.view, v.view, out_bad.view); }, {"out", "(2, 3, 4, 5)"});
+  const tensor_view<float, 4> out_bcast(out.buf.data(), {B, Nq, Hq, D}, {0, Hq * D, D, 1});
+  expect([&] { reference_attention(q.view, k.view, v.view, out_bcast); }, {"out", "stride 0", "axis 0"});
   tensor3<float> lse_bad(B, Hq, Nq + 1);
   expect([&] { reference_attention(q.view, k.view, v.view, out.view, {}, lse_bad.view); }, {"lse", "(batch, head, seq)"});
 

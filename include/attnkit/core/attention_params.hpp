@@ -51,6 +51,16 @@ struct attention_mask {
 
 namespace detail {
 
+// An output view must not map two logical elements to one address: a stride of 0 on an axis of
+// extent > 1 would make several (possibly concurrent) writes land on the same element.
+template <class T, std::size_t R>
+void require_writable(std::string_view fn, std::string_view arg, const tensor_view<T, R>& v) {
+  for (std::size_t a = 0; a < R; ++a)
+    if (v.extent(a) > 1 && v.stride(a) == 0)
+      fail(fn, arg, concat("a non-zero stride on axis ", a, " (extent ", v.extent(a), "; outputs cannot broadcast)"),
+           "stride 0");
+}
+
 inline std::string extents_string(const index_t* e, std::size_t n) {
   std::string s = "(";
   for (std::size_t i = 0; i < n; ++i) s += concat(i ? ", " : "", e[i]);
@@ -94,8 +104,11 @@ attention_shape validate_attention(std::string_view fn, const tensor_view<TQ, 4>
           concat("a kv head count dividing the query head count ", s.q_heads), s.kv_heads);
   require_extents(fn, "v", v, {s.batch, s.kv_len, s.kv_heads, s.value_dim}, "(batch, seq, head, dim)");
   require_extents(fn, "out", out, {s.batch, s.q_len, s.q_heads, s.value_dim}, "(batch, seq, head, dim)");
-  if (!lse.empty() || lse.data() != nullptr)
+  require_writable(fn, "out", out);
+  if (!lse.empty() || lse.data() != nullptr) {
     require_extents(fn, "lse", lse, {s.batch, s.q_heads, s.q_len}, "(batch, head, seq)");
+    require_writable(fn, "lse", lse);
+  }
 
   require(std::isfinite(p.scale), fn, "params.scale", "a finite value (0 for 1/sqrt(head_dim))", p.scale);
   require(std::isfinite(p.softcap) && p.softcap >= 0.f, fn, "params.softcap", "a finite value >= 0",

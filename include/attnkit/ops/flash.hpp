@@ -286,9 +286,13 @@ void merge_attention_states(tensor_view<TA, 4> o_a, tensor_view<TLA, 3> lse_a, t
   const index_t B = o_a.extent(0), N = o_a.extent(1), H = o_a.extent(2), D = o_a.extent(3);
   detail::require_extents(fn, "o_b", o_b, {B, N, H, D}, "(batch, seq, head, dim) as o_a");
   detail::require_extents(fn, "o", o, {B, N, H, D}, "(batch, seq, head, dim) as o_a");
+  detail::require_writable(fn, "o", o);
   detail::require_extents(fn, "lse_a", lse_a, {B, H, N}, "(batch, head, seq)");
   detail::require_extents(fn, "lse_b", lse_b, {B, H, N}, "(batch, head, seq)");
-  if (lse.data() || !lse.empty()) detail::require_extents(fn, "lse", lse, {B, H, N}, "(batch, head, seq)");
+  if (lse.data() || !lse.empty()) {
+    detail::require_extents(fn, "lse", lse, {B, H, N}, "(batch, head, seq)");
+    detail::require_writable(fn, "lse", lse);
+  }
   using A = std::conditional_t<std::is_same_v<TO, double>, double, float>;
   parallel_for(B * N * H, 64, [&](index_t r0, index_t r1) {
     for (index_t r = r0; r < r1; ++r) {
