@@ -55,6 +55,7 @@ namespace detail {
 // extent > 1 would make several (possibly concurrent) writes land on the same element.
 template <class T, std::size_t R>
 void require_writable(std::string_view fn, std::string_view arg, const tensor_view<T, R>& v) {
+  if (v.empty()) return;
   for (std::size_t a = 0; a < R; ++a)
     if (v.extent(a) > 1 && v.stride(a) == 0)
       fail(fn, arg, concat("a non-zero stride on axis ", a, " (extent ", v.extent(a), "; outputs cannot broadcast)"),
