@@ -2,9 +2,10 @@
 //  * A full mask reproduces flash_attention bit for bit (same key tiles in the same order, and each
 //    query row's arithmetic does not depend on which rows share its tile) whenever the row groups'
 //    first allowed keys coincide with flash's: always without params.window_left, and with it when
-//    the mask's block_q is a multiple of flash_tiles::block_q. Otherwise (window_left with other
-//    block_q) it agrees within the fp32 tolerance below. Flash's decode path (Nq <= 4, float) is a
-//    different computation, so the bitwise cases use Nq > flash_tiles::decode_max_q.
+//    the mask's block_q equals flash_tiles::block_q (same row groups). Otherwise (window_left with
+//    other block_q) the key tiles start elsewhere and it agrees within the fp32 tolerance below.
+//    Flash's decode path (Nq <= 4, float) is a different computation, so the bitwise cases use
+//    Nq > flash_tiles::decode_max_q.
 //  * Any mask equals reference_attention (double) with an extra bias that is 0 on active tiles and
 //    -inf elsewhere. Tolerances as in test_flash.cpp: max |out - ref| / max |ref| <= 2e-5 for
 //    float, bf16, f16 inputs, 1e-12 for double; lse absolute error <= 2e-5 / 1e-12.
@@ -108,12 +109,13 @@ TEST_CASE("block_sparse: a full mask reproduces flash_attention bit for bit") {
         check_bitwise_flash<double, double>(c, mask);
       }
     }
-  // window_left: bitwise when block_q is a multiple of flash's row groups, else within tolerance.
+  // window_left: bitwise when block_q is flash's row group, else within tolerance.
   attn_case w = base;
   w.p.window_left = 70;
   w.p.causal = true;
   check_bitwise_flash<float>(w, block_mask::full(fq, 64, w.Nq, w.Nk));
-  check_bitwise_flash<float>(w, block_mask::full(2 * fq, 100, w.Nq, w.Nk));
+  check_bitwise_flash<float>(w, block_mask::full(fq, 100, w.Nq, w.Nk));
+  check_masked(w, block_mask::full(2 * fq, 100, w.Nq, w.Nk));
   check_masked(w, block_mask::full(128, 64, w.Nq, w.Nk));
   check_masked(w, block_mask::full(16, 16, w.Nq, w.Nk));
   // Layouts and Nq != Nk the other way round.
@@ -153,7 +155,7 @@ TEST_CASE("block_sparse: random masks equal reference_attention with a 0 / -inf 
   base.Hq = 4;
   base.Hkv = 4;
   base.D = 24;
-  const std::vector<std::pair<index_t, index_t>> blocks{{16, 16}, {64, 64}, {128, 32}, {50, 70}, {64, 300}};
+  const std::vector<std::pair<index_t, index_t>> blocks{{16, 16}, {64, 64}, {200, 32}, {50, 70}, {64, 300}, {128, 128}};
   std::uint64_t seed = 100;
   std::size_t pick = 0;
   for (const auto& c : option_cases(base))
