@@ -320,6 +320,34 @@ TEST_CASE("xattention_select finds a planted block and feeds block_sparse_attent
   test::check_masked(c, xattention_select(rnd.q.cview(), rnd.k.cview(), x.xp));
 }
 
+TEST_CASE("xattention_select: NaN in a query row keeps every reachable block of its query block only") {
+  xcase c;
+  c.Nq = 256;
+  c.Nk = 256;
+  c.amp = 2.f;
+  c.xp.block = 32;
+  c.xp.threshold = 0.5f;
+  qk<float> in(c);
+  const auto clean = xattention_select(in.q.cview(), in.k.cview(), c.xp);
+  in.q(0, 100, 1, 3) = std::numeric_limits<float>::quiet_NaN();  // head 1, query block 3
+  for (bool causal : {false, true}) {
+    c.xp.causal = causal;
+    const auto m = xattention_select(in.q.cview(), in.k.cview(), c.xp);
+    const auto ref = reference_xattention_select(in.q.cview(), in.k.cview(), c.xp);
+    for (index_t kb = 0; kb < 8; ++kb) {
+      CHECK(m.is_active(0, 1, 3, kb) == (!causal || kb <= 3));
+      CHECK(ref.is_active(0, 1, 3, kb) == m.is_active(0, 1, 3, kb));
+    }
+    if (!causal)
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t qb = 0; qb < 8; ++qb) {
+          if (h == 1 && qb == 3) continue;
+          const auto a = m.active(0, h, qb), b = clean.active(0, h, qb);
+          CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+        }
+  }
+}
+
 TEST_CASE("xattention validates input and writes nothing on failure") {
   xcase c;
   c.Nq = 64;

@@ -9,10 +9,10 @@
 // output 0 and log-sum-exp -inf. The last query / key block may be partial.
 //
 // Work items are (batch, head, query block, row group): a mask query block is split into equal
-// groups of at most block_sparse_max_rows rows (one kernels::softmax_block each). For each group, the active key
-// blocks (stored as runs of consecutive blocks) are clipped to the keys any row of the group may
-// see and streamed in tiles of flash_tiles::block_k keys starting at each run's first key, K and V
-// read in place when their element type is the accumulation type. Elementwise masks are applied
+// groups of at most detail::block_sparse_max_rows rows (one kernels::softmax_block each). For each
+// group, the active key blocks (stored as runs of consecutive blocks) are clipped to the keys any
+// row of the group may see and streamed in tiles of flash_tiles::block_k keys starting at each
+// run's first key, K and V read in place when their element type is the accumulation type. Elementwise masks are applied
 // only inside tiles that straddle a row's causal/window boundary. A full mask therefore performs
 // flash_attention's prefill computation tile for tile (see flash.hpp): each query row meets the
 // same key tiles in the same order, and a row's arithmetic does not depend on which rows share its
@@ -334,7 +334,7 @@ inline void validate_block_mask(std::string_view fn, const block_mask& m, const 
 
 // Query rows per softmax_block in block_sparse_attention. Larger than flash_tiles::block_q: a row
 // group streams its key tiles once, so 128 rows read K and V 2.7x less often than 48; on the
-// development machine (Zen 5, 2 MiB L2) a 128 x 128 mask block as one group ran a full mask 1.2x
+// development machine (Zen 5, 1 MiB L2 per core) a 128 x 128 mask block as one group ran a full mask 1.2x
 // faster than 48-row groups (whose 48/48/32 split of 128 rows was 0.86x of flash_attention), at
 // N = 16k, D = 128, one thread.
 inline constexpr index_t block_sparse_max_rows = 128;

@@ -23,8 +23,8 @@
 //     row is dropped, so a causal selection never contains a future block.
 //   * A NaN score (NaN in the inputs) sorts last and makes its block row keep every reachable block.
 //
-// Cost O(Nq Nk d / s) multiply-adds per head (the GEMM; s^2 times fewer than the exact scores it
-// summarises), O(Nq Nk / s^2) exponentials. Implementation: work items are (batch, head, run of
+// Cost per head: Nq Nk d / s multiply-adds (the GEMM: (Nq / s)(Nk / s) cells of s d each, s times
+// fewer than Q K^T itself) and Nq Nk / s^2 exponentials. Implementation: work items are (batch, head, run of
 // query blocks with about 2 * gemm_nv SIMD vectors of query groups); the query groups are the SIMD
 // lanes (as in kernels::softmax_block), packed once per item as s matrices d x lanes (scale / s
 // folded in); key groups are streamed in chunks of xattention_chunk groups, read in place when the
@@ -294,7 +294,9 @@ void xattention_compute(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k
         const A* row = tile.data() + (qb - qb0) * nkb;
         double total = 0;
         for (index_t kb = 0; kb < nkb; ++kb) total += double(row[kb]);
-        for (index_t kb = 0; kb < nkb; ++kb) norm[std::size_t(kb)] = total > 0 ? double(row[kb]) / total : double(row[kb]);
+        // total is 0 only when every score is 0; NaN poisons the whole row (see the top of this header).
+        for (index_t kb = 0; kb < nkb; ++kb)
+          norm[std::size_t(kb)] = total > 0 ? double(row[kb]) / total : std::isnan(total) ? total : 0.0;
         emit(b, h, qb, norm.data());
       }
     }
@@ -392,7 +394,7 @@ void reference_xattention(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>&
       for (index_t qb = 0; qb < g.nqb; ++qb) {
         double total = 0;
         for (index_t kb = 0; kb < g.nkb; ++kb) total += score[base + std::size_t(qb * g.nkb + kb)];
-        if (total > 0)
+        if (total > 0 || std::isnan(total))
           for (index_t kb = 0; kb < g.nkb; ++kb) score[base + std::size_t(qb * g.nkb + kb)] /= total;
       }
     }
@@ -433,13 +435,17 @@ block_mask reference_xattention_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> 
         std::vector<index_t> cand;
         for (index_t kb = 0; kb < g.nkb; ++kb)
           if (reach[base + std::size_t(kb)]) cand.push_back(kb);
+        const auto key = [&](index_t kb) {
+          const double x = sc[base + std::size_t(kb)];
+          return std::isnan(x) ? -1.0 : x;
+        };
         std::sort(cand.begin(), cand.end(), [&](index_t a, index_t c) {
-          const double xa = sc[base + std::size_t(a)], xc = sc[base + std::size_t(c)];
-          return xa > xc || (xa == xc && a < c);
+          return key(a) > key(c) || (key(a) == key(c) && a < c);
         });
         std::vector<unsigned char> keep(static_cast<std::size_t>(g.nkb), 0);
         double cum = 0;
-        for (std::size_t n = 0; n < cand.size() && (xp.threshold >= 1.f || cum < double(xp.threshold)); ++n) {
+        // Until the cumulative score reaches the threshold (a NaN sum never does).
+        for (std::size_t n = 0; n < cand.size() && (xp.threshold >= 1.f || !(cum >= double(xp.threshold))); ++n) {
           keep[std::size_t(cand[n])] = 1;
           cum += sc[base + std::size_t(cand[n])];
         }
