@@ -9,3 +9,5 @@
 #include "attnkit/simd/simd.hpp"
 #include "attnkit/ops/reference.hpp"
 #include "attnkit/ops/flash.hpp"
+#include "attnkit/ops/block_sparse.hpp"
+#include "attnkit/ops/xattention.hpp"
