@@ -262,4 +262,55 @@ class softmax_block {
   A *qt_ = nullptr, *st_ = nullptr, *ot_ = nullptr, *m_ = nullptr, *l_ = nullptr, *alpha_ = nullptr;
 };
 
+// How a softmax operator forms S^T for queries of TQ and keys of TK: with the AVX-512 BF16 pair
+// dot products when both are bf16 and the target has them (even head dim, unit dim stride on k),
+// else on float (double) tiles. Operators that must agree bit for bit (flash, block-sparse) share it.
+template <class A, class TQ, class TK>
+class score_source {
+  static constexpr bool pairs_possible = simd::has_bf16_dot && std::is_same_v<A, float> &&
+                                         std::is_same_v<std::remove_const_t<TQ>, bf16> &&
+                                         std::is_same_v<std::remove_const_t<TK>, bf16>;
+
+ public:
+  score_source(A scale, index_t head_dim, index_t k_dim_stride) : scale_(scale), head_dim_(head_dim) {
+    pairs_ = pairs_possible && head_dim % 2 == 0 && k_dim_stride == 1;
+  }
+
+  void load_queries(softmax_block<A>& blk, const TQ* q, index_t row_stride, index_t dim_stride) const {
+    if constexpr (pairs_possible) {
+      if (pairs_) return blk.load_queries_bf16(q, row_stride, dim_stride);
+    }
+    blk.load_queries(q, row_stride, dim_stride, scale_);
+  }
+
+  A* scores(softmax_block<A>& blk, const TK* k, index_t key_stride, index_t dim_stride, index_t nk) const {
+    if constexpr (pairs_possible) {
+      if (pairs_) return blk.scores_bf16(k, key_stride, nk, scale_);
+    }
+    index_t rs, cs;
+    const A* kt = tile_as<A>(k, nk, head_dim_, key_stride, dim_stride, slot_k_tile, rs, cs);
+    return blk.scores(kt, rs, cs, nk);
+  }
+
+ private:
+  A scale_;
+  index_t head_dim_;
+  bool pairs_ = false;
+};
+
+// One tile of nk consecutive keys k0.. (K and V rows at k/v with the given strides) through blk:
+// scores, softcap, bias/ALiBi and (on boundary tiles) masks, online softmax, values.
+template <class A, class Source, class TK, class TV>
+void attend_key_tile(softmax_block<A>& blk, const Source& src, const logit_editor<A>& ed, A softcap,
+                     const TK* k, index_t k_stride, index_t k_dim_stride, const TV* v, index_t v_stride,
+                     index_t v_dim_stride, index_t value_dim, index_t k0, index_t nk, index_t q0, bool boundary) {
+  A* st = src.scores(blk, k, k_stride, k_dim_stride, nk);
+  if (softcap > 0) apply_softcap(st, nk * blk.ld(), softcap);
+  ed.apply(st, blk.ld(), 1, nk, [k0](index_t jj) { return k0 + jj; }, q0, blk.rows(), boundary);
+  blk.update(nk);
+  index_t vrs, vcs;
+  const A* vt = tile_as<A>(v, nk, value_dim, v_stride, v_dim_stride, slot_v_tile, vrs, vcs);
+  blk.accumulate(vt, vrs, vcs, nk);
+}
+
 }  // namespace attnkit::kernels

@@ -345,8 +345,8 @@ void block_sparse_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>&
                           const tensor_view<TL, 3>& lse, const attention_shape& s,
                           const tensor_view<const float, 4>& bias) {
   constexpr index_t BK = flash_tiles::block_k;
-  const A scale = effective_scale<A>(p.scale, s.head_dim);
   const A cap = A(p.softcap);
+  const kernels::score_source<A, TQ, TK> src(effective_scale<A>(p.scale, s.head_dim), s.head_dim, k.stride(3));
   const index_t mbq = mask.block_q(), mbk = mask.block_k();
   // A mask query block is split into `groups` equal row groups of at most block_sparse_max_rows.
   const index_t nqb = mask.q_blocks(), groups = ceil_div(mbq, block_sparse_max_rows), BQ = ceil_div(mbq, groups);
@@ -360,7 +360,7 @@ void block_sparse_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>&
       const index_t hk = h / s.group(), rows = std::min(BQ, q_end - q0);
       const auto ed = kernels::make_editor<A>(p, bias, s, b, h);
       blk.start(rows, s.head_dim, s.value_dim, BK);
-      blk.load_queries(&q(b, q0, h, 0), q.stride(1), q.stride(3), scale);
+      src.load_queries(blk, &q(b, q0, h, 0), q.stride(1), q.stride(3));
       index_t lo_first, hi_first, lo_last, hi_last;
       ed.key_range(q0, lo_first, hi_first);
       ed.key_range(q0 + rows - 1, lo_last, hi_last);
@@ -368,17 +368,9 @@ void block_sparse_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>&
         const index_t r0 = std::max(run.begin * mbk, lo_first), r1 = std::min(run.end * mbk, hi_last);
         for (index_t k0 = r0; k0 < r1; k0 += BK) {
           const index_t nk = std::min(BK, r1 - k0);
-          index_t krs, kcs, vrs, vcs;
-          const A* kt = kernels::tile_as<A>(&k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3),
-                                            kernels::slot_k_tile, krs, kcs);
-          A* st = blk.scores(kt, krs, kcs, nk);
-          if (cap > 0) kernels::apply_softcap(st, nk * blk.ld(), cap);
           const bool boundary = !(k0 >= lo_last && k0 + nk <= hi_first);
-          ed.apply(st, blk.ld(), 1, nk, [k0](index_t jj) { return k0 + jj; }, q0, rows, boundary);
-          blk.update(nk);
-          const A* vt = kernels::tile_as<A>(&v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3),
-                                            kernels::slot_v_tile, vrs, vcs);
-          blk.accumulate(vt, vrs, vcs, nk);
+          kernels::attend_key_tile(blk, src, ed, cap, &k(b, k0, hk, 0), k.stride(1), k.stride(3), &v(b, k0, hk, 0),
+                                   v.stride(1), v.stride(3), s.value_dim, k0, nk, q0, boundary);
         }
       }
       TL* lse_ptr = lse.data() ? &lse(b, h, q0) : nullptr;

@@ -40,32 +40,6 @@ namespace detail {
 template <class TQ>
 using softmax_accum_t = accum_t<std::remove_const_t<TQ>>;
 
-template <class A, class TQ, class TK>
-bool bf16_dot_eligible(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k) {
-  if constexpr (simd::has_bf16_dot && std::is_same_v<A, float> && std::is_same_v<std::remove_const_t<TQ>, bf16> &&
-                std::is_same_v<std::remove_const_t<TK>, bf16>)
-    return q.extent(3) % 2 == 0 && k.stride(3) == 1;
-  else
-    return false;
-}
-
-// Dispatch helpers that compile to nothing where the bf16 path does not exist.
-template <class A, class TQ>
-void load_queries_bf16(kernels::softmax_block<A>& blk, const TQ* q, index_t rs, index_t ds) {
-  if constexpr (simd::has_bf16_dot && std::is_same_v<A, float> && std::is_same_v<std::remove_const_t<TQ>, bf16>)
-    blk.load_queries_bf16(q, rs, ds);
-  else
-    (void)blk, (void)q, (void)rs, (void)ds;
-}
-
-template <class A, class TK>
-A* scores_bf16(kernels::softmax_block<A>& blk, const TK* k, index_t key_stride, index_t nk, A scale) {
-  if constexpr (simd::has_bf16_dot && std::is_same_v<A, float> && std::is_same_v<std::remove_const_t<TK>, bf16>)
-    return blk.scores_bf16(k, key_stride, nk, scale);
-  else
-    return (void)blk, (void)k, (void)key_stride, (void)nk, (void)scale, nullptr;
-}
-
 template <class A, class TQ, class TK, class TV, class TO, class TL>
 void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
                    const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
@@ -74,9 +48,7 @@ void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, con
   const A scale = effective_scale<A>(p.scale, s.head_dim);
   const A cap = A(p.softcap);
   const index_t nqb = (s.q_len + BQ - 1) / BQ;
-  // bf16 q and k on a target with AVX-512 BF16: Q K^T by pair dot products (even head dim, unit
-  // dim stride so that a pair is one 32-bit load). Everything else stays on the float path.
-  const bool use_bf16_dot = bf16_dot_eligible<A, TQ, TK>(q, k);
+  const kernels::score_source<A, TQ, TK> src(scale, s.head_dim, k.stride(3));
   parallel_for(s.batch * s.q_heads * nqb, 1, [&](index_t w0, index_t w1) {
     kernels::softmax_block<A> blk;
     for (index_t w = w0; w < w1; ++w) {
@@ -84,29 +56,15 @@ void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, con
       const index_t hk = h / s.group(), q0 = qb * BQ, rows = std::min(BQ, s.q_len - q0);
       const auto ed = kernels::make_editor<A>(p, bias, s, b, h);
       blk.start(rows, s.head_dim, s.value_dim, BK);
-      if (use_bf16_dot)
-        load_queries_bf16(blk, &q(b, q0, h, 0), q.stride(1), q.stride(3));
-      else
-        blk.load_queries(&q(b, q0, h, 0), q.stride(1), q.stride(3), scale);
+      src.load_queries(blk, &q(b, q0, h, 0), q.stride(1), q.stride(3));
       index_t lo_first, hi_first, lo_last, hi_last;
       ed.key_range(q0, lo_first, hi_first);
       ed.key_range(q0 + rows - 1, lo_last, hi_last);
       for (index_t k0 = lo_first; k0 < hi_last; k0 += BK) {
         const index_t nk = std::min(BK, hi_last - k0);
-        index_t krs, kcs, vrs, vcs;
-        A* st = nullptr;
-        if (use_bf16_dot) {
-          st = scores_bf16(blk, &k(b, k0, hk, 0), k.stride(1), nk, scale);
-        } else {
-          const A* kt = kernels::tile_as<A>(&k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3), kernels::slot_k_tile, krs, kcs);
-          st = blk.scores(kt, krs, kcs, nk);
-        }
-        if (cap > 0) kernels::apply_softcap(st, nk * blk.ld(), cap);
         const bool boundary = !(k0 >= lo_last && k0 + nk <= hi_first);
-        ed.apply(st, blk.ld(), 1, nk, [k0](index_t jj) { return k0 + jj; }, q0, rows, boundary);
-        blk.update(nk);
-        const A* vt = kernels::tile_as<A>(&v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3), kernels::slot_v_tile, vrs, vcs);
-        blk.accumulate(vt, vrs, vcs, nk);
+        kernels::attend_key_tile(blk, src, ed, cap, &k(b, k0, hk, 0), k.stride(1), k.stride(3), &v(b, k0, hk, 0),
+                                 v.stride(1), v.stride(3), s.value_dim, k0, nk, q0, boundary);
       }
       TL* lse_ptr = lse.data() ? &lse(b, h, q0) : nullptr;
       blk.finish(&out(b, q0, h, 0), out.stride(1), out.stride(3), lse_ptr, lse.data() ? lse.stride(2) : 0);
