@@ -7,4 +7,5 @@
 #include "attnkit/core/tensor_view.hpp"
 #include "attnkit/core/types.hpp"
 #include "attnkit/simd/simd.hpp"
+#include "attnkit/ops/linear.hpp"
 #include "attnkit/ops/reference.hpp"
