@@ -112,7 +112,7 @@ TEST_CASE("identity map by hand: causal (q k^T masked) v, normalized and decayed
 }
 
 TEST_CASE("every feature map x causal x normalize x decay matches the reference") {
-  // 150 positions: two full chunks and a partial one; GQA 4 query heads on 2 kv heads; batch 2.
+  // 150 positions: several full chunks (of 32) and a partial one; GQA 4 query heads on 2 kv heads; batch 2.
   const index_t B = 2, N = 150, Hq = 4, Hkv = 2;
   const float decay[Hq] = {1.f, 0.99f, 0.9f, 0.5f};
   for (index_t D : {1, 31, 80}) {

@@ -30,7 +30,7 @@
 // Algorithms (accumulation in float, in double when an input or the state is double):
 //   non-causal  S = phi(K)^T V and z = sum_j phi(k_j) per (batch, kv head), then out = phi(Q) S / phi(Q) z,
 //               both GEMM-shaped (kernels::gemm_acc).
-//   causal      fixed chunks of C = 64 positions. Per chunk: [phi(Q_c) * decay | masked P_c] x [S; V_c]
+//   causal      fixed chunks of C = 32 positions. Per chunk: [phi(Q_c) * decay | masked P_c] x [S; V_c]
 //               as one GEMM per row block, where P_c = phi(Q_c) phi(K_c)^T * gamma^(i-j) restricted to
 //               j <= i; the diagonal row-block triangle is done by a small register kernel so masked
 //               entries are never read (a NaN in v_j reaches only rows i >= j). Then the running state
@@ -240,6 +240,7 @@ struct linear_shape {
   index_t features = 0;
 };
 
+// Checks run on every call (including every decode step), so the messages are built only on failure.
 template <class TQ, class TK, class TV, class TO>
 linear_shape validate_linear(std::string_view fn, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                              const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const linear_params& p) {
@@ -253,33 +254,35 @@ linear_shape validate_linear(std::string_view fn, const tensor_view<TQ, 4>& q, c
   require(std::isfinite(p.eps) && p.eps >= 0.f, fn, "params.eps", "a finite value >= 0", p.eps);
   require(std::isfinite(p.scale) && (!favor || p.scale >= 0.f), fn, "params.scale",
           favor ? "a finite value >= 0 (0 for 1/sqrt(head_dim))" : "a finite value", p.scale);
-  if (p.causal)
-    require(s.kv_len == s.q_len, fn, "k",
-            concat("sequence length ", s.q_len, " (as q: causal linear attention needs Nq == Nk)"), s.kv_len);
+  if (p.causal && s.kv_len != s.q_len)
+    fail(fn, "k", concat("sequence length ", s.q_len, " (as q: causal linear attention needs Nq == Nk)"),
+         concat(s.kv_len));
   if (p.decay != nullptr) {
     require(p.causal, fn, "params.decay", "nullptr unless params.causal (decay is causal only)",
             "a decay with causal = false");
     for (index_t h = 0; h < s.q_heads; ++h)
-      require(p.decay[h] > 0.f && p.decay[h] <= 1.f, fn, concat("params.decay[", h, "]"), "a value in (0, 1]",
-              p.decay[h]);
+      if (!(p.decay[h] > 0.f && p.decay[h] <= 1.f))
+        fail(fn, concat("params.decay[", h, "]"), "a value in (0, 1]", concat(p.decay[h]));
   }
   const bool has_projection = p.projection.data() != nullptr || !p.projection.empty();
+  const auto projection_extents = [&] { return extents_string(p.projection.extents().data(), 2); };
   if (favor) {
-    require(has_projection && p.projection.extent(0) >= 1, fn, "params.projection",
-            "an m x d feature matrix for favor_positive (see make_favor_projection)",
-            extents_string(p.projection.extents().data(), 2));
-    require(p.projection.extent(1) == s.head_dim, fn, "params.projection",
-            concat("logical extents (feature, dim) with dim = head_dim ", s.head_dim),
-            extents_string(p.projection.extents().data(), 2));
+    if (!has_projection || p.projection.extent(0) < 1)
+      fail(fn, "params.projection", "an m x d feature matrix for favor_positive (see make_favor_projection)",
+           projection_extents());
+    if (p.projection.extent(1) != s.head_dim)
+      fail(fn, "params.projection", concat("logical extents (feature, dim) with dim = head_dim ", s.head_dim),
+           projection_extents());
     for (index_t f = 0; f < p.projection.extent(0); ++f)
       for (index_t d = 0; d < p.projection.extent(1); ++d)
-        require(std::isfinite(p.projection(f, d)), fn, concat("params.projection(", f, ", ", d, ")"),
-                "a finite value", p.projection(f, d));
+        if (!std::isfinite(p.projection(f, d)))
+          fail(fn, concat("params.projection(", f, ", ", d, ")"), "a finite value", concat(p.projection(f, d)));
     r.features = p.projection.extent(0);
   } else {
-    require(!has_projection, fn, "params.projection",
-            concat("an empty view (only favor_positive uses it; phi is ", feature_map_name(p.phi), ")"),
-            extents_string(p.projection.extents().data(), 2));
+    if (has_projection)
+      fail(fn, "params.projection",
+           concat("an empty view (only favor_positive uses it; phi is ", feature_map_name(p.phi), ")"),
+           projection_extents());
     r.features = s.head_dim;
   }
   return r;
@@ -289,16 +292,20 @@ template <class Acc>
 void validate_linear_state(std::string_view fn, const linear_attention_state<Acc>& st, const linear_shape& ls,
                            const linear_params& p) {
   require(p.causal, fn, "params.causal", "true (a state carries a causal prefix)", "false");
-  require(st.batch == ls.s.batch, fn, "state.batch", concat(ls.s.batch, " (as q)"), st.batch);
-  require(st.heads == ls.s.q_heads, fn, "state.heads", concat(ls.s.q_heads, " (the query heads of q)"), st.heads);
-  require(st.features == ls.features, fn, "state.features",
-          concat(ls.features, " (", feature_map_name(p.phi), " features)"), st.features);
-  require(st.value_dim == ls.s.value_dim, fn, "state.value_dim", concat(ls.s.value_dim, " (as v)"), st.value_dim);
+  if (st.batch != ls.s.batch) fail(fn, "state.batch", concat(ls.s.batch, " (as q)"), concat(st.batch));
+  if (st.heads != ls.s.q_heads)
+    fail(fn, "state.heads", concat(ls.s.q_heads, " (the query heads of q)"), concat(st.heads));
+  if (st.features != ls.features)
+    fail(fn, "state.features", concat(ls.features, " (", feature_map_name(p.phi), " features)"),
+         concat(st.features));
+  if (st.value_dim != ls.s.value_dim)
+    fail(fn, "state.value_dim", concat(ls.s.value_dim, " (as v)"), concat(st.value_dim));
   const auto bh = static_cast<std::size_t>(st.batch * st.heads);
   const bool sized = st.s.size() == bh * static_cast<std::size_t>(st.features * st.value_dim) &&
                      st.z.size() == bh * static_cast<std::size_t>(st.features) && st.key_max.size() == bh;
-  require(sized, fn, "state", "storage sized by its batch, heads, features and value_dim",
-          concat("s/z/key_max of ", st.s.size(), "/", st.z.size(), "/", st.key_max.size(), " elements"));
+  if (!sized)
+    fail(fn, "state", "storage sized by its batch, heads, features and value_dim",
+         concat("s/z/key_max of ", st.s.size(), "/", st.z.size(), "/", st.key_max.size(), " elements"));
 }
 
 // ---- small vector helpers: SIMD for float, plain loops for double ------------------------------------
@@ -314,13 +321,20 @@ inline Acc vdot(const Acc* a, const Acc* b, index_t n) {
   }
 }
 
+alignas(64) inline constexpr float lane_ids[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static_assert(simd::width <= 16, "lane_ids covers at most 16 float lanes");
+
+// Sum of x[0, n). Reads (but ignores) up to kernels::pad_to_width(n) elements: x must be padded.
 template <class Acc>
-inline Acc vsum(const Acc* x, index_t n) {
+inline Acc vsum_padded(const Acc* x, index_t n) {
   if constexpr (std::is_same_v<Acc, float>) {
     simd::vec acc(0.f);
     index_t i = 0;
     for (; i + simd::width <= n; i += simd::width) acc += simd::load(x + i);
-    if (i < n) acc += simd::load_tail(x + i, n - i);
+    if (i < n) {
+      const auto keep = simd::load(lane_ids) < simd::vec(static_cast<float>(n - i));
+      acc += xsimd::select(keep, simd::load(x + i), simd::vec(0.f));
+    }
     return simd::hsum(acc);
   } else {
     Acc s = 0;
@@ -377,6 +391,21 @@ inline void load_row(Acc* dst, const T* src, index_t stride, index_t n) {
   for (index_t i = 0; i < n; ++i) dst[i] = convert<Acc>(src[i * stride]);
 }
 
+// Prefetches rows [t0, t0 + L) of head `head` (L2 hint; rw = 1 for rows about to be written). The
+// operators walk one head of a (batch, seq, head, dim) tensor, a strided pattern the hardware
+// prefetchers follow poorly once the tensors leave the caches; asking one chunk ahead hides it.
+// Always inlined: GCC's IPA otherwise finds the function free of side effects and drops its calls.
+template <int RW = 0, class T>
+[[gnu::always_inline]] inline void prefetch_rows(const tensor_view<T, 4>& x, index_t b, index_t t0, index_t L, index_t head) {
+  const index_t n = x.extent(3);
+  if (n == 0) return;
+  const index_t bytes = ((n - 1) * x.stride(3) + 1) * index_t(sizeof(T));
+  for (index_t j = 0; j < L; ++j) {
+    const char* row = reinterpret_cast<const char*>(&x(b, t0 + j, head, 0));
+    for (index_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, RW, 2);
+  }
+}
+
 // Elementwise / per-row feature maps (all but favor_positive), in place on a row of n values.
 template <class Acc>
 inline void map_row(feature_map phi, Acc* x, index_t n) {
@@ -408,9 +437,8 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
       }
       return;
     case feature_map::cosine: {
-      const Acc norm = std::sqrt(vdot(x, x, n));
-      if (norm == 0) std::fill(x, x + n, Acc(0));
-      else vscale(x, Acc(1) / norm, n);
+      const Acc sq = vdot(x, x, n);
+      vscale(x, sq == 0 ? Acc(0) : Acc(1) / std::sqrt(sq), n);
       return;
     }
   }
@@ -491,7 +519,7 @@ inline void tri_acc(index_t rows, index_t N, const Acc* p, index_t ldp, const Ac
 
 // ---- plan and scratch -------------------------------------------------------------------------------
 
-inline constexpr index_t linear_chunk = 64;  // positions per causal chunk / key and query block
+inline constexpr index_t linear_chunk = 32;  // positions per causal chunk / key and query block
 static_assert(linear_chunk % 16 == 0, "chunk must be a multiple of every simd::width");
 
 template <class Acc>
@@ -606,9 +634,9 @@ template <class Acc, class T>
 Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t b, index_t t0, index_t L,
                  index_t hk, linear_scratch<Acc>& ws, Acc* kt, index_t ldkt, Acc& M) {
   Acc factor = 1;
-  Acc* rows = ws.u.data();
-  const index_t ld = pl.Fp;
   if (pl.favor()) {
+    Acc* rows = ws.u.data();
+    const index_t ld = pl.Fp;
     favor_logits(pl, k, b, t0, L, hk, ws);
     Acc bm = -std::numeric_limits<Acc>::infinity();
     for (index_t j = 0; j < L; ++j) {
@@ -621,16 +649,44 @@ Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t
     }
     for (index_t j = 0; j < L; ++j)
       vexp_shift(rows + j * ld, rows + j * ld, pl.F, ws.hn[static_cast<std::size_t>(j)] + M + pl.half_log_m);
+    for (index_t j = 0; j < L; ++j)
+      for (index_t f = 0; f < pl.F; ++f) kt[f * ldkt + j] = rows[j * ld + f];
+    return factor;
+  }
+  // Other maps: load the rows straight into the columns of kt, then map.
+  const index_t D = pl.D, ks = k.stride(3);
+  if (D == 0) return factor;
+  for (index_t j = 0; j < L; ++j) {
+    const T* src = &k(b, t0 + j, hk, 0);
+    for (index_t d = 0; d < D; ++d) kt[d * ldkt + j] = convert<Acc>(src[d * ks]);
+  }
+  if (L == 1 && ldkt == 1) {
+    map_row(pl.phi, kt, D);  // one key (decode step): a contiguous row
+  } else if (pl.phi == feature_map::cosine) {
+    Acc* inv = ws.hn.data();  // 1 / |k_j|, 0 for a zero row
+    std::fill(inv, inv + L, Acc(0));
+    for (index_t d = 0; d < D; ++d)
+      for (index_t j = 0; j < L; ++j) inv[j] += kt[d * ldkt + j] * kt[d * ldkt + j];
+    for (index_t j = 0; j < L; ++j) inv[j] = inv[j] == 0 ? Acc(0) : Acc(1) / std::sqrt(inv[j]);
+    for (index_t d = 0; d < D; ++d)
+      for (index_t j = 0; j < L; ++j) kt[d * ldkt + j] *= inv[j];
   } else {
-    for (index_t j = 0; j < L; ++j) {
-      Acc* row = rows + j * ld;
-      if (pl.D > 0) load_row(row, &k(b, t0 + j, hk, 0), k.stride(3), pl.D);
-      map_row(pl.phi, row, pl.D);
+    for (index_t d = 0; d < D; ++d) map_row(pl.phi, kt + d * ldkt, L);
+  }
+  return factor;
+}
+
+// dst[i * ds] = TO(o[i] * f) for i < n.
+template <class Acc, class TO>
+inline void scale_store(TO* dst, index_t ds, const Acc* o, Acc f, index_t n) {
+  index_t i = 0;
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<TO, float>) {
+    if (ds == 1) {
+      const simd::vec vf(f);
+      for (; i + simd::width <= n; i += simd::width) simd::store(dst + i, simd::load(o + i) * vf);
     }
   }
-  for (index_t j = 0; j < L; ++j)
-    for (index_t f = 0; f < pl.F; ++f) kt[f * ldkt + j] = rows[j * ld + f];
-  return factor;
+  for (; i < n; ++i) dst[i * ds] = static_cast<TO>(o[i] * f);
 }
 
 // out row = o / (den + eps') (normalize) or o * exp(stab) (not), with the FAVOR+ stabilizers undone.
@@ -640,19 +696,16 @@ inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc 
   if (pl.Dv == 0) return;
   TO* dst = &out(b, t, h, 0);
   const index_t ds = out.stride(3);
+  Acc f = 1;
   if (pl.normalize) {
     Acc e = pl.eps;
     if (pl.favor()) e = pl.eps > 0 ? std::exp(pl.log_eps - stab) : Acc(0);
     const Acc d = den + e;
-    if (d == 0) {
-      for (index_t i = 0; i < pl.Dv; ++i) dst[i * ds] = TO(0);
-    } else {
-      for (index_t i = 0; i < pl.Dv; ++i) dst[i * ds] = static_cast<TO>(o[i] / d);
-    }
-  } else {
-    const Acc f = pl.favor() ? std::exp(stab) : Acc(1);
-    for (index_t i = 0; i < pl.Dv; ++i) dst[i * ds] = static_cast<TO>(o[i] * f);
+    f = d == 0 ? Acc(0) : Acc(1) / d;  // a zero denominator gives 0 (only reachable with eps = 0)
+  } else if (pl.favor()) {
+    f = std::exp(stab);
   }
+  scale_store(dst, ds, o, f, pl.Dv);
 }
 
 // ---- the causal chunked form for one (batch, query head) --------------------------------------------
@@ -687,6 +740,7 @@ void linear_causal_head(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q,
 
   for (index_t t0 = 0; t0 < N; t0 += C) {
     const index_t L = std::min(C, N - t0);
+    const index_t Ln = std::min(C, std::max<index_t>(0, N - t0 - C));  // next chunk, prefetched below
 
     // Keys (transposed) and values of the chunk; a grown FAVOR+ key maximum rescales S and z.
     const Acc r = key_features(pl, k, b, t0, L, hk, ws, KT, C, M);
@@ -718,7 +772,7 @@ void linear_causal_head(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q,
         inter *= pw[i + 1];
         vscale(qi, pw[i + 1], F);
       }
-      den[i] = inter + vsum(Pi, i + 1);
+      den[i] = inter + vsum_padded(Pi, i + 1);
     }
 
     // O = [phi(Q) | P] [S; V]: the rectangle left of each row block's diagonal by gemm_acc, the
@@ -726,6 +780,13 @@ void linear_causal_head(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q,
     std::fill(O, O + L * Dvp, Acc(0));
     for (index_t r0 = 0; r0 < L; r0 += MR) {
       const index_t R = std::min(MR, L - r0);
+      if (r0 < Ln) {  // the next chunk's rows, a few at a time so the requests overlap the arithmetic
+        const index_t n = std::min(MR, Ln - r0);
+        prefetch_rows(q, b, t0 + C + r0, n, h);
+        prefetch_rows(k, b, t0 + C + r0, n, hk);
+        prefetch_rows(v, b, t0 + C + r0, n, hk);
+        prefetch_rows<1>(out, b, t0 + C + r0, n, h);
+      }
       gemm(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
       tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
     }
@@ -739,7 +800,7 @@ void linear_causal_head(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q,
       cs = ws.colscale.data();
     }
     gemm(F, Dvp, L, KT, C, index_t(1), V, Dvp, S, Dvp, cs);
-    for (index_t f = 0; f < F; ++f) z[f] = (decayed ? pw[L] * z[f] : z[f]) + vsum(KT + f * C, L);
+    for (index_t f = 0; f < F; ++f) z[f] = (decayed ? pw[L] * z[f] : z[f]) + vsum_padded(KT + f * C, L);
 
     for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + M, out, b, t0 + i, h);
   }
@@ -774,6 +835,10 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
 
   for (index_t t0 = 0; t0 < Nk; t0 += C) {
     const index_t L = std::min(C, Nk - t0);
+    if (t0 + C < Nk) {
+      prefetch_rows(k, b, t0 + C, std::min(C, Nk - t0 - C), hk);
+      prefetch_rows(v, b, t0 + C, std::min(C, Nk - t0 - C), hk);
+    }
     const Acc r = key_features(pl, k, b, t0, L, hk, ws, KT, C, M);
     if (r != Acc(1)) {
       vscale(S, r, F * Dvp);
@@ -782,12 +847,16 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
     if (Dv > 0)
       for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
     gemm(F, Dvp, L, KT, C, index_t(1), V, Dvp, S, Dvp);
-    for (index_t f = 0; f < F; ++f) z[f] += vsum(KT + f * C, L);
+    for (index_t f = 0; f < F; ++f) z[f] += vsum_padded(KT + f * C, L);
   }
 
   for (index_t h = hk * group; h < (hk + 1) * group; ++h)
     for (index_t t0 = 0; t0 < Nq; t0 += C) {
       const index_t L = std::min(C, Nq - t0);
+      if (t0 + C < Nq) {
+        prefetch_rows(q, b, t0 + C, std::min(C, Nq - t0 - C), h);
+        prefetch_rows<1>(out, b, t0 + C, std::min(C, Nq - t0 - C), h);
+      }
       query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
       std::fill(O, O + L * Dvp, Acc(0));
       gemm(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
