@@ -447,10 +447,22 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
 // ---- tile arithmetic --------------------------------------------------------------------------------
 
 // C = C * col_scale + A B with kernels::gemm_acc's conventions (N a multiple of simd::width).
+// gemm_acc covers N with blocks of 3 vectors and a remainder; a remainder of one vector (N = 4, 7, ...
+// vectors, e.g. head dim 64 with AVX-512) runs an MR x 1 block that is latency-bound, so those widths
+// are split into two calls whose blocks are 3, ..., 3, 2 and 2 vectors wide. Each C element still
+// sums k in increasing order, so the result is the same.
 template <class Acc>
 inline void gemm(index_t M, index_t N, index_t K, const Acc* a, index_t rs_a, index_t cs_a, const Acc* b,
                  index_t ldb, Acc* c, index_t ldc, const Acc* col_scale = nullptr) {
   if constexpr (std::is_same_v<Acc, float>) {
+    constexpr index_t W = simd::width;
+    const index_t nv = N / W;
+    if (nv >= 4 && nv % 3 == 1) {
+      const index_t n1 = (nv - 2) * W;  // 3, ..., 3, 2 vectors
+      kernels::gemm_acc(M, n1, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
+      kernels::gemm_acc(M, N - n1, K, a, rs_a, cs_a, b + n1, ldb, c + n1, ldc, col_scale ? col_scale + n1 : nullptr);
+      return;
+    }
     kernels::gemm_acc(M, N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
   } else {
     for (index_t m = 0; m < M; ++m) {
@@ -468,21 +480,29 @@ inline void gemm(index_t M, index_t N, index_t K, const Acc* a, index_t rs_a, in
 
 // Lower-triangular block product: o[i][:] += sum_{j <= i} p[i][j] * v[j][:] for i, j < R. Entries of p
 // above the diagonal and rows of v beyond a row's diagonal are never read. Register-blocked like
-// gemm_acc: R rows x NV vectors of accumulators.
+// gemm_acc: R rows x NV vectors of accumulators; the column index J is a template parameter so every
+// loop has a constant trip count and the accumulators stay in registers.
+template <int R, int NV, int J>
+inline void tri_column(simd::vec (&acc)[R][NV], const float* p, index_t ldp, const float* v, index_t ldv) {
+  if constexpr (J < R) {
+    constexpr index_t W = simd::width;
+    simd::vec bv[NV];
+    for (int n = 0; n < NV; ++n) bv[n] = simd::load(v + J * ldv + n * W);
+    for (int i = J; i < R; ++i) {
+      const simd::vec pij(p[i * ldp + J]);
+      for (int n = 0; n < NV; ++n) acc[i][n] = simd::fma(pij, bv[n], acc[i][n]);
+    }
+    tri_column<R, NV, J + 1>(acc, p, ldp, v, ldv);
+  }
+}
+
 template <int R, int NV>
 inline void tri_block(const float* p, index_t ldp, const float* v, index_t ldv, float* o, index_t ldo) {
   constexpr index_t W = simd::width;
   simd::vec acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int n = 0; n < NV; ++n) acc[i][n] = simd::load(o + i * ldo + n * W);
-  for (int j = 0; j < R; ++j) {
-    simd::vec bv[NV];
-    for (int n = 0; n < NV; ++n) bv[n] = simd::load(v + j * ldv + n * W);
-    for (int i = j; i < R; ++i) {
-      const simd::vec pij(p[i * ldp + j]);
-      for (int n = 0; n < NV; ++n) acc[i][n] = simd::fma(pij, bv[n], acc[i][n]);
-    }
-  }
+  tri_column<R, NV, 0>(acc, p, ldp, v, ldv);
   for (int i = 0; i < R; ++i)
     for (int n = 0; n < NV; ++n) simd::store(o + i * ldo + n * W, acc[i][n]);
 }
@@ -520,6 +540,7 @@ inline void tri_acc(index_t rows, index_t N, const Acc* p, index_t ldp, const Ac
 // ---- plan and scratch -------------------------------------------------------------------------------
 
 inline constexpr index_t linear_chunk = 32;  // positions per causal chunk / key and query block
+inline constexpr index_t linear_head_group = 2;  // query heads per causal task, walked together
 static_assert(linear_chunk % 16 == 0, "chunk must be a multiple of every simd::width");
 
 template <class Acc>
@@ -565,11 +586,11 @@ struct linear_scratch {
   index_t rows = 0, lda = 0;
   std::vector<Acc> aq;   // rows x (F + rows): [phi(Q) | P]
   std::vector<Acc> kt;   // F x rows: phi(K)^T
-  std::vector<Acc> sv;   // (F + rows) x Dvp: [S; V]
+  std::vector<Acc> sv;   // (F + rows) x Dvp: [S; V] (non-causal and decode; causal heads keep their own)
   std::vector<Acc> o;    // rows x Dvp
   std::vector<Acc> u;    // rows x Fp: key feature rows, favor logits
   std::vector<Acc> x;    // rows x D: raw rows for favor
-  std::vector<Acc> z, den, stab, hn, pw, colscale;
+  std::vector<Acc> z, den, stab, hn, colscale;
 
   linear_scratch(const linear_plan<Acc>& pl, index_t r) : rows(r), lda(pl.F + r) {
     auto sz = [](index_t n) { return static_cast<std::size_t>(std::max<index_t>(n, 1)); };
@@ -583,7 +604,6 @@ struct linear_scratch {
     den.assign(sz(r), Acc(0));
     stab.assign(sz(r), Acc(0));
     hn.assign(sz(r), Acc(0));
-    pw.assign(sz(r + 1), Acc(1));
     colscale.assign(sz(pl.Dvp), Acc(1));
   }
 };
@@ -654,12 +674,11 @@ Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t
     return factor;
   }
   // Other maps: load the rows straight into the columns of kt, then map.
-  const index_t D = pl.D, ks = k.stride(3);
-  if (D == 0) return factor;
-  for (index_t j = 0; j < L; ++j) {
-    const T* src = &k(b, t0 + j, hk, 0);
-    for (index_t d = 0; d < D; ++d) kt[d * ldkt + j] = convert<Acc>(src[d * ks]);
-  }
+  const index_t D = pl.D, ks = k.stride(3), js = k.stride(1);
+  if (D == 0 || L == 0) return factor;
+  const T* src = &k(b, t0, hk, 0);
+  for (index_t d = 0; d < D; ++d)  // d outer: contiguous stores (j outer is several times slower)
+    for (index_t j = 0; j < L; ++j) kt[d * ldkt + j] = convert<Acc>(src[j * js + d * ks]);
   if (L == 1 && ldkt == 1) {
     map_row(pl.phi, kt, D);  // one key (decode step): a contiguous row
   } else if (pl.phi == feature_map::cosine) {
@@ -708,110 +727,145 @@ inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc 
   scale_store(dst, ds, o, f, pl.Dv);
 }
 
-// ---- the causal chunked form for one (batch, query head) --------------------------------------------
+// ---- the causal chunked form -----------------------------------------------------------------------
 
+// The running state of one (batch, query head) of the causal form.
+template <class Acc>
+struct causal_head {
+  index_t h = 0, hk = 0;
+  bool decayed = false;
+  Acc M = 0;            // FAVOR+ running key maximum
+  std::vector<Acc> sv;  // (F + C) x Dvp: [S; V], the state on top of the chunk's values
+  std::vector<Acc> z;   // F: normalizer
+  std::vector<Acc> pw;  // C + 1: gamma^n
+};
+
+// One chunk [t0, t0 + L) of one head; Ln rows of the next chunk are prefetched on the way.
 template <class Acc, class TQ, class TK, class TV, class TO>
-void linear_causal_head(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
-                        const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t h, index_t hk,
-                        const float* decay, linear_scratch<Acc>& ws, Acc* st_s, Acc* st_z, Acc* st_m) {
+void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                         const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t t0, index_t L,
+                         index_t Ln, causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
   constexpr index_t C = linear_chunk, MR = kernels::gemm_mr;
-  const index_t N = q.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
+  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda, h = hs.h, hk = hs.hk;
   Acc* AQ = ws.aq.data();
   Acc* KT = ws.kt.data();
-  Acc* S = ws.sv.data();
+  Acc* S = hs.sv.data();
   Acc* V = S + F * Dvp;
   Acc* O = ws.o.data();
-  Acc* z = ws.z.data();
+  Acc* z = hs.z.data();
   Acc* den = ws.den.data();
   Acc* stab = ws.stab.data();
-  const Acc* pw = ws.pw.data();
-  const bool decayed = decay != nullptr && decay[h] != 1.f;
-  if (decayed)
-    for (index_t n = 0; n <= C; ++n) ws.pw[static_cast<std::size_t>(n)] = static_cast<Acc>(std::pow(double(decay[h]), double(n)));
+  const Acc* pw = hs.pw.data();
+  const bool decayed = hs.decayed;
 
-  // Initial state: zero, or the caller's prefix.
-  Acc M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
-  std::fill(S, S + F * Dvp, Acc(0));
-  for (index_t f = 0; f < F; ++f) {
-    if (st_s) std::copy(st_s + f * Dv, st_s + (f + 1) * Dv, S + f * Dvp);
-    z[f] = st_z ? st_z[f] : Acc(0);
+  // Keys (transposed) and values of the chunk; a grown FAVOR+ key maximum rescales S and z.
+  const Acc r = key_features(pl, k, b, t0, L, hk, ws, KT, C, hs.M);
+  if (r != Acc(1)) {
+    vscale(S, r, F * Dvp);
+    vscale(z, r, F);
   }
-  if (st_m && pl.favor()) M = *st_m;
+  if (Dv > 0)
+    for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
 
-  for (index_t t0 = 0; t0 < N; t0 += C) {
-    const index_t L = std::min(C, N - t0);
-    const index_t Ln = std::min(C, std::max<index_t>(0, N - t0 - C));  // next chunk, prefetched below
+  // Queries into the left block of AQ, then P = phi(Q) phi(K)^T into the right block, row block by
+  // row block, computing only the columns up to the block's diagonal (rounded up to a vector).
+  query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
+  for (index_t r0 = 0; r0 < L; r0 += MR) {
+    const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
+    Acc* P = AQ + r0 * lda + F;
+    for (index_t i = 0; i < R; ++i) std::fill(P + i * lda, P + i * lda + nc, Acc(0));
+    gemm(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, P, lda);
+  }
 
-    // Keys (transposed) and values of the chunk; a grown FAVOR+ key maximum rescales S and z.
-    const Acc r = key_features(pl, k, b, t0, L, hk, ws, KT, C, M);
-    if (r != Acc(1)) {
-      vscale(S, r, F * Dvp);
-      vscale(z, r, F);
-    }
-    if (Dv > 0)
-      for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
-
-    // Queries into the left block of AQ, then P = phi(Q) phi(K)^T into the right block, row block by
-    // row block, computing only the columns up to the block's diagonal (rounded up to a vector).
-    query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
-    for (index_t r0 = 0; r0 < L; r0 += MR) {
-      const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
-      Acc* P = AQ + r0 * lda + F;
-      for (index_t i = 0; i < R; ++i) std::fill(P + i * lda, P + i * lda + nc, Acc(0));
-      gemm(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, P, lda);
-    }
-
-    // Mask and decay P (j <= i only), the normalizers, and the inter-chunk decay of phi(q_i).
-    for (index_t i = 0; i < L; ++i) {
-      Acc* qi = AQ + i * lda;
-      Acc* Pi = qi + F;
-      if (decayed)
-        for (index_t j = 0; j <= i; ++j) Pi[j] *= pw[i - j];
-      Acc inter = vdot(qi, z, F);
-      if (decayed) {
-        inter *= pw[i + 1];
-        vscale(qi, pw[i + 1], F);
-      }
-      den[i] = inter + vsum_padded(Pi, i + 1);
-    }
-
-    // O = [phi(Q) | P] [S; V]: the rectangle left of each row block's diagonal by gemm_acc, the
-    // diagonal triangle by tri_acc.
-    std::fill(O, O + L * Dvp, Acc(0));
-    for (index_t r0 = 0; r0 < L; r0 += MR) {
-      const index_t R = std::min(MR, L - r0);
-      if (r0 < Ln) {  // the next chunk's rows, a few at a time so the requests overlap the arithmetic
-        const index_t n = std::min(MR, Ln - r0);
-        prefetch_rows(q, b, t0 + C + r0, n, h);
-        prefetch_rows(k, b, t0 + C + r0, n, hk);
-        prefetch_rows(v, b, t0 + C + r0, n, hk);
-        prefetch_rows<1>(out, b, t0 + C + r0, n, h);
-      }
-      gemm(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
-      tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
-    }
-
-    // State: S = gamma^L S + sum_j gamma^(L-1-j) phi(k_j) v_j^T, z likewise.
-    const Acc* cs = nullptr;
+  // Mask and decay P (j <= i only), the normalizers, and the inter-chunk decay of phi(q_i).
+  for (index_t i = 0; i < L; ++i) {
+    Acc* qi = AQ + i * lda;
+    Acc* Pi = qi + F;
+    if (decayed)
+      for (index_t j = 0; j <= i; ++j) Pi[j] *= pw[i - j];
+    Acc inter = vdot(qi, z, F);
     if (decayed) {
-      for (index_t f = 0; f < F; ++f)
-        for (index_t j = 0; j < L; ++j) KT[f * C + j] *= pw[L - 1 - j];
-      std::fill(ws.colscale.begin(), ws.colscale.end(), pw[L]);
-      cs = ws.colscale.data();
+      inter *= pw[i + 1];
+      vscale(qi, pw[i + 1], F);
     }
-    gemm(F, Dvp, L, KT, C, index_t(1), V, Dvp, S, Dvp, cs);
-    for (index_t f = 0; f < F; ++f) z[f] = (decayed ? pw[L] * z[f] : z[f]) + vsum_padded(KT + f * C, L);
-
-    for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + M, out, b, t0 + i, h);
+    den[i] = inter + vsum_padded(Pi, i + 1);
   }
 
-  if (st_s) {
-    for (index_t f = 0; f < F; ++f) {
-      std::copy(S + f * Dvp, S + f * Dvp + Dv, st_s + f * Dv);
-      st_z[f] = z[f];
+  // O = [phi(Q) | P] [S; V]: the rectangle left of each row block's diagonal by gemm_acc, the
+  // diagonal triangle by tri_acc.
+  std::fill(O, O + L * Dvp, Acc(0));
+  for (index_t r0 = 0; r0 < L; r0 += MR) {
+    const index_t R = std::min(MR, L - r0);
+    if (r0 < Ln) {  // the next chunk's rows, a few at a time so the requests overlap the arithmetic
+      const index_t n = std::min(MR, Ln - r0);
+      prefetch_rows(q, b, t0 + C + r0, n, h);
+      prefetch_rows(k, b, t0 + C + r0, n, hk);
+      prefetch_rows(v, b, t0 + C + r0, n, hk);
+      prefetch_rows<1>(out, b, t0 + C + r0, n, h);
     }
-    if (pl.favor()) *st_m = M;
+    gemm(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
+    tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
   }
+
+  // State: S = gamma^L S + sum_j gamma^(L-1-j) phi(k_j) v_j^T, z likewise.
+  const Acc* cs = nullptr;
+  if (decayed) {
+    for (index_t f = 0; f < F; ++f)
+      for (index_t j = 0; j < L; ++j) KT[f * C + j] *= pw[L - 1 - j];
+    std::fill(ws.colscale.begin(), ws.colscale.end(), pw[L]);
+    cs = ws.colscale.data();
+  }
+  gemm(F, Dvp, L, KT, C, index_t(1), V, Dvp, S, Dvp, cs);
+  for (index_t f = 0; f < F; ++f) z[f] = (decayed ? pw[L] * z[f] : z[f]) + vsum_padded(KT + f * C, L);
+
+  for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, out, b, t0 + i, h);
+}
+
+// Query heads [h0, h0 + nh) of batch b, chunk by chunk and head by head within a chunk: in the
+// common (batch, seq, head, dim) layout the heads of a position are adjacent, so a task that walks
+// several heads together uses every cache line it brings in. st_* (optional) hold the caller's
+// state for these heads, read at the start and written at the end.
+template <class Acc, class TQ, class TK, class TV, class TO>
+void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                         const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t h0,
+                         index_t nh, index_t group, const float* decay, linear_scratch<Acc>& ws,
+                         std::vector<causal_head<Acc>>& heads, Acc* st_s, Acc* st_z, Acc* st_m) {
+  constexpr index_t C = linear_chunk;
+  const index_t N = q.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp;
+  for (index_t i = 0; i < nh; ++i) {
+    causal_head<Acc>& hs = heads[static_cast<std::size_t>(i)];
+    hs.h = h0 + i;
+    hs.hk = hs.h / group;
+    hs.decayed = decay != nullptr && decay[hs.h] != 1.f;
+    if (hs.decayed)
+      for (index_t n = 0; n <= C; ++n)
+        hs.pw[static_cast<std::size_t>(n)] = static_cast<Acc>(std::pow(double(decay[hs.h]), double(n)));
+    // Initial state: zero, or the caller's prefix.
+    std::fill(hs.sv.begin(), hs.sv.begin() + F * Dvp, Acc(0));
+    std::fill(hs.z.begin(), hs.z.end(), Acc(0));
+    hs.M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
+    if (st_s) {
+      for (index_t f = 0; f < F; ++f) {
+        std::copy(st_s + (i * F + f) * Dv, st_s + (i * F + f + 1) * Dv, hs.sv.begin() + f * Dvp);
+        hs.z[static_cast<std::size_t>(f)] = st_z[i * F + f];
+      }
+      if (pl.favor()) hs.M = st_m[i];
+    }
+  }
+  for (index_t t0 = 0; t0 < N; t0 += C) {
+    const index_t L = std::min(C, N - t0), Ln = std::min(C, std::max<index_t>(0, N - t0 - C));
+    for (index_t i = 0; i < nh; ++i)
+      linear_causal_chunk(pl, q, k, v, out, b, t0, L, Ln, heads[static_cast<std::size_t>(i)], ws);
+  }
+  if (st_s)
+    for (index_t i = 0; i < nh; ++i) {
+      const causal_head<Acc>& hs = heads[static_cast<std::size_t>(i)];
+      for (index_t f = 0; f < F; ++f) {
+        std::copy(hs.sv.begin() + f * Dvp, hs.sv.begin() + f * Dvp + Dv, st_s + (i * F + f) * Dv);
+        st_z[i * F + f] = hs.z[static_cast<std::size_t>(f)];
+      }
+      if (pl.favor()) st_m[i] = hs.M;
+    }
 }
 
 // ---- the non-causal form for one (batch, kv head) and its query heads ---------------------------------
@@ -872,15 +926,21 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
   const attention_shape& s = ls.s;
   const linear_plan<Acc> pl = make_linear_plan<Acc>(ls, p);
   if (p.causal) {
-    const index_t F = pl.F, Dv = pl.Dv;
-    parallel_for(s.batch * s.q_heads, 1, [&](index_t t0, index_t t1) {
+    const index_t F = pl.F, Dv = pl.Dv, G = linear_head_group, groups = (s.q_heads + G - 1) / G;
+    parallel_for(s.batch * groups, 1, [&](index_t t0, index_t t1) {
       linear_scratch<Acc> ws(pl, linear_chunk);
+      std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(G));
+      for (auto& hs : heads) {
+        hs.sv.assign(static_cast<std::size_t>(std::max<index_t>((F + linear_chunk) * pl.Dvp, 1)), Acc(0));
+        hs.z.assign(static_cast<std::size_t>(std::max<index_t>(F, 1)), Acc(0));
+        hs.pw.assign(static_cast<std::size_t>(linear_chunk + 1), Acc(1));
+      }
       for (index_t t = t0; t < t1; ++t) {
-        const index_t b = t / s.q_heads, h = t % s.q_heads;
-        Acc* st_s = st ? st->s.data() + t * F * Dv : nullptr;
-        Acc* st_z = st ? st->z.data() + t * F : nullptr;
-        Acc* st_m = st ? st->key_max.data() + t : nullptr;
-        linear_causal_head(pl, q, k, v, out, b, h, h / s.group(), p.decay, ws, st_s, st_z, st_m);
+        const index_t b = t / groups, h0 = (t % groups) * G, nh = std::min(G, s.q_heads - h0);
+        const index_t first = b * s.q_heads + h0;  // state index of (b, h0)
+        linear_causal_heads(pl, q, k, v, out, b, h0, nh, s.group(), p.decay, ws, heads,
+                            st ? st->s.data() + first * F * Dv : nullptr, st ? st->z.data() + first * F : nullptr,
+                            st ? st->key_max.data() + first : nullptr);
       }
     });
     if (st) st->position += s.q_len;
