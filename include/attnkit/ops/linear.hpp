@@ -240,12 +240,34 @@ struct linear_shape {
   index_t features = 0;
 };
 
+// The shape checks of validate_attention (with default attention_params and no lse). That function
+// formats its messages before testing (an ostringstream per check, microseconds per call, which
+// would dominate a decode step), so when the shapes pass exactly the conditions it tests the shape
+// is built here, and otherwise it runs and throws its usual message.
+template <class TQ, class TK, class TV, class TO>
+attention_shape linear_attention_shape(std::string_view fn, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                                       const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out) {
+  attention_shape s;
+  s.batch = q.extent(0);
+  s.q_len = q.extent(1);
+  s.q_heads = q.extent(2);
+  s.head_dim = q.extent(3);
+  s.kv_len = k.extent(1);
+  s.kv_heads = k.extent(2);
+  s.value_dim = v.extent(3);
+  const bool ok = k.extent(0) == s.batch && k.extent(3) == s.head_dim && (s.q_heads == 0 || s.kv_heads >= 1) &&
+                  (s.kv_heads == 0 || s.q_heads % s.kv_heads == 0) &&
+                  v.extents() == std::array<index_t, 4>{s.batch, s.kv_len, s.kv_heads, s.value_dim} &&
+                  out.extents() == std::array<index_t, 4>{s.batch, s.q_len, s.q_heads, s.value_dim};
+  return ok ? s : validate_attention(fn, q, k, v, out, attention_params{}, tensor_view<const float, 3>{});
+}
+
 // Checks run on every call (including every decode step), so the messages are built only on failure.
 template <class TQ, class TK, class TV, class TO>
 linear_shape validate_linear(std::string_view fn, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                              const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const linear_params& p) {
   linear_shape r;
-  r.s = validate_attention(fn, q, k, v, out, attention_params{}, tensor_view<const float, 3>{});
+  r.s = linear_attention_shape(fn, q, k, v, out);
   const attention_shape& s = r.s;
   const int phi = static_cast<int>(p.phi);
   require(phi >= 0 && phi <= static_cast<int>(feature_map::favor_positive), fn, "params.phi",
@@ -580,31 +602,33 @@ linear_plan<Acc> make_linear_plan(const linear_shape& ls, const linear_params& p
 }
 
 // Per-task buffers for chunks of up to `rows` positions (linear_chunk for the parallel forms, 1 for
-// a decode step). Zero-initialized; padding columns are never written and stay 0.
+// a decode step), carved from one zero-initialized allocation; padding columns are never written and
+// stay 0.
 template <class Acc>
 struct linear_scratch {
-  index_t rows = 0, lda = 0;
-  std::vector<Acc> aq;   // rows x (F + rows): [phi(Q) | P]
-  std::vector<Acc> kt;   // F x rows: phi(K)^T
-  std::vector<Acc> sv;   // (F + rows) x Dvp: [S; V] (non-causal and decode; causal heads keep their own)
-  std::vector<Acc> o;    // rows x Dvp
-  std::vector<Acc> u;    // rows x Fp: key feature rows, favor logits
-  std::vector<Acc> x;    // rows x D: raw rows for favor
-  std::vector<Acc> z, den, stab, hn, colscale;
+  index_t rows = 0, lda = 0, Dvp = 0;
+  std::vector<Acc> buf;
+  Acc* aq = nullptr;   // rows x (F + rows): [phi(Q) | P]
+  Acc* kt = nullptr;   // F x rows: phi(K)^T
+  Acc* sv = nullptr;   // (F + rows) x Dvp: [S; V] (non-causal and decode; causal heads keep their own)
+  Acc* o = nullptr;    // rows x Dvp
+  Acc* u = nullptr;    // rows x Fp: FAVOR+ logits and feature rows
+  Acc* x = nullptr;    // rows x D: raw rows for FAVOR+
+  Acc *z = nullptr, *den = nullptr, *stab = nullptr, *hn = nullptr, *colscale = nullptr;
 
-  linear_scratch(const linear_plan<Acc>& pl, index_t r) : rows(r), lda(pl.F + r) {
-    auto sz = [](index_t n) { return static_cast<std::size_t>(std::max<index_t>(n, 1)); };
-    aq.assign(sz(r * lda), Acc(0));
-    kt.assign(sz(pl.F * r), Acc(0));
-    sv.assign(sz((pl.F + r) * pl.Dvp), Acc(0));
-    o.assign(sz(r * pl.Dvp), Acc(0));
-    u.assign(sz(r * pl.Fp), Acc(0));
-    x.assign(sz(r * pl.D), Acc(0));
-    z.assign(sz(pl.F), Acc(0));
-    den.assign(sz(r), Acc(0));
-    stab.assign(sz(r), Acc(0));
-    hn.assign(sz(r), Acc(0));
-    colscale.assign(sz(pl.Dvp), Acc(1));
+  linear_scratch(const linear_plan<Acc>& pl, index_t r, bool with_state = true)
+      : rows(r), lda(pl.F + r), Dvp(pl.Dvp) {
+    const index_t sizes[] = {r * lda, pl.F * r, with_state ? (pl.F + r) * pl.Dvp : 0, r * pl.Dvp, r * pl.Fp,
+                             r * pl.D, pl.F, r, r, r, pl.Dvp};
+    Acc** slots[] = {&aq, &kt, &sv, &o, &u, &x, &z, &den, &stab, &hn, &colscale};
+    index_t total = 0;
+    for (index_t n : sizes) total += kernels::pad_to_width(n) + simd::width;  // vector-aligned offsets
+    buf.assign(static_cast<std::size_t>(total), Acc(0));
+    index_t off = 0;
+    for (std::size_t i = 0; i < std::size(sizes); ++i) {
+      *slots[i] = buf.data() + off;
+      off += kernels::pad_to_width(sizes[i]) + simd::width;
+    }
   }
 };
 
@@ -615,12 +639,12 @@ struct linear_scratch {
 template <class Acc, class T>
 void favor_logits(const linear_plan<Acc>& pl, const tensor_view<T, 4>& x, index_t b, index_t t0, index_t L,
                   index_t head, linear_scratch<Acc>& ws) {
-  Acc* X = ws.x.data();
+  Acc* X = ws.x;
   for (index_t j = 0; j < L; ++j) {
     if (pl.D > 0) load_row(X + j * pl.D, &x(b, t0 + j, head, 0), x.stride(3), pl.D);
-    ws.hn[static_cast<std::size_t>(j)] = pl.half_scale * vdot(X + j * pl.D, X + j * pl.D, pl.D);
+    ws.hn[j] = pl.half_scale * vdot(X + j * pl.D, X + j * pl.D, pl.D);
   }
-  Acc* U = ws.u.data();
+  Acc* U = ws.u;
   std::fill(U, U + L * pl.Fp, Acc(0));
   gemm(L, pl.Fp, pl.D, X, pl.D, index_t(1), pl.wt.data(), pl.Fp, U, pl.Fp);
 }
@@ -632,9 +656,9 @@ void query_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& q, inde
   if (pl.favor()) {
     favor_logits(pl, q, b, t0, L, h, ws);
     for (index_t j = 0; j < L; ++j) {
-      const Acc* u = ws.u.data() + j * pl.Fp;
+      const Acc* u = ws.u + j * pl.Fp;
       const Acc mq = max_ignoring_nan(u, pl.F);
-      stab[j] = mq - ws.hn[static_cast<std::size_t>(j)];
+      stab[j] = mq - ws.hn[j];
       vexp_shift(dst + j * ldd, u, pl.F, mq + pl.half_log_m);
     }
     return;
@@ -655,12 +679,12 @@ Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t
                  index_t hk, linear_scratch<Acc>& ws, Acc* kt, index_t ldkt, Acc& M) {
   Acc factor = 1;
   if (pl.favor()) {
-    Acc* rows = ws.u.data();
+    Acc* rows = ws.u;
     const index_t ld = pl.Fp;
     favor_logits(pl, k, b, t0, L, hk, ws);
     Acc bm = -std::numeric_limits<Acc>::infinity();
     for (index_t j = 0; j < L; ++j) {
-      const Acc m = max_ignoring_nan(rows + j * ld, pl.F) - ws.hn[static_cast<std::size_t>(j)];
+      const Acc m = max_ignoring_nan(rows + j * ld, pl.F) - ws.hn[j];
       bm = m > bm ? m : bm;
     }
     if (bm > M) {
@@ -668,7 +692,7 @@ Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t
       M = bm;
     }
     for (index_t j = 0; j < L; ++j)
-      vexp_shift(rows + j * ld, rows + j * ld, pl.F, ws.hn[static_cast<std::size_t>(j)] + M + pl.half_log_m);
+      vexp_shift(rows + j * ld, rows + j * ld, pl.F, ws.hn[j] + M + pl.half_log_m);
     for (index_t j = 0; j < L; ++j)
       for (index_t f = 0; f < pl.F; ++f) kt[f * ldkt + j] = rows[j * ld + f];
     return factor;
@@ -682,7 +706,7 @@ Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t
   if (L == 1 && ldkt == 1) {
     map_row(pl.phi, kt, D);  // one key (decode step): a contiguous row
   } else if (pl.phi == feature_map::cosine) {
-    Acc* inv = ws.hn.data();  // 1 / |k_j|, 0 for a zero row
+    Acc* inv = ws.hn;  // 1 / |k_j|, 0 for a zero row
     std::fill(inv, inv + L, Acc(0));
     for (index_t d = 0; d < D; ++d)
       for (index_t j = 0; j < L; ++j) inv[j] += kt[d * ldkt + j] * kt[d * ldkt + j];
@@ -747,14 +771,14 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
                          index_t Ln, causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
   constexpr index_t C = linear_chunk, MR = kernels::gemm_mr;
   const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda, h = hs.h, hk = hs.hk;
-  Acc* AQ = ws.aq.data();
-  Acc* KT = ws.kt.data();
+  Acc* AQ = ws.aq;
+  Acc* KT = ws.kt;
   Acc* S = hs.sv.data();
   Acc* V = S + F * Dvp;
-  Acc* O = ws.o.data();
+  Acc* O = ws.o;
   Acc* z = hs.z.data();
-  Acc* den = ws.den.data();
-  Acc* stab = ws.stab.data();
+  Acc* den = ws.den;
+  Acc* stab = ws.stab;
   const Acc* pw = hs.pw.data();
   const bool decayed = hs.decayed;
 
@@ -812,8 +836,8 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   if (decayed) {
     for (index_t f = 0; f < F; ++f)
       for (index_t j = 0; j < L; ++j) KT[f * C + j] *= pw[L - 1 - j];
-    std::fill(ws.colscale.begin(), ws.colscale.end(), pw[L]);
-    cs = ws.colscale.data();
+    std::fill(ws.colscale, ws.colscale + ws.Dvp, pw[L]);
+    cs = ws.colscale;
   }
   gemm(F, Dvp, L, KT, C, index_t(1), V, Dvp, S, Dvp, cs);
   for (index_t f = 0; f < F; ++f) z[f] = (decayed ? pw[L] * z[f] : z[f]) + vsum_padded(KT + f * C, L);
@@ -876,13 +900,13 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
                             index_t group, linear_scratch<Acc>& ws) {
   constexpr index_t C = linear_chunk;
   const index_t Nq = q.extent(1), Nk = k.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
-  Acc* AQ = ws.aq.data();
-  Acc* KT = ws.kt.data();
-  Acc* S = ws.sv.data();
+  Acc* AQ = ws.aq;
+  Acc* KT = ws.kt;
+  Acc* S = ws.sv;
   Acc* V = S + F * Dvp;
-  Acc* O = ws.o.data();
-  Acc* z = ws.z.data();
-  Acc* stab = ws.stab.data();
+  Acc* O = ws.o;
+  Acc* z = ws.z;
+  Acc* stab = ws.stab;
   Acc M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
   std::fill(S, S + F * Dvp, Acc(0));
   std::fill(z, z + F, Acc(0));
@@ -928,7 +952,7 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
   if (p.causal) {
     const index_t F = pl.F, Dv = pl.Dv, G = linear_head_group, groups = (s.q_heads + G - 1) / G;
     parallel_for(s.batch * groups, 1, [&](index_t t0, index_t t1) {
-      linear_scratch<Acc> ws(pl, linear_chunk);
+      linear_scratch<Acc> ws(pl, linear_chunk, false);
       std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(G));
       for (auto& hs : heads) {
         hs.sv.assign(static_cast<std::size_t>(std::max<index_t>((F + linear_chunk) * pl.Dvp, 1)), Acc(0));
@@ -951,6 +975,63 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
         linear_noncausal_group(pl, q, k, v, out, t / s.kv_heads, t % s.kv_heads, s.group(), ws);
     });
   }
+}
+
+// ---- recurrent step ---------------------------------------------------------------------------------------
+
+// One token for one head, in a single pass over the state:
+//   S_f = factor * S_f + kf_f v,  z_f = factor * z_f + kf_f,  num = sum_f qf_f S_f;  returns qf . z.
+// S is F x Dv row-major (the state layout), num has Dv entries.
+template <class Acc>
+inline Acc recurrent_update(Acc* S, Acc* z, const Acc* kf, const Acc* v, const Acc* qf, Acc factor, index_t F,
+                            index_t Dv, Acc* num) {
+  Acc den = 0;
+  for (index_t f = 0; f < F; ++f) {
+    z[f] = factor * z[f] + kf[f];
+    den += qf[f] * z[f];
+  }
+  index_t d = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+    constexpr index_t W = simd::width, U = 4;
+    for (; d + U * W <= Dv; d += U * W) {
+      simd::vec vv[U], acc[U];
+      for (index_t u = 0; u < U; ++u) {
+        vv[u] = simd::load(v + d + u * W);
+        acc[u] = simd::vec(0.f);
+      }
+      const simd::vec fac(factor);
+      for (index_t f = 0; f < F; ++f) {
+        float* row = S + f * Dv + d;
+        const simd::vec kv(kf[f]), qv(qf[f]);
+        for (index_t u = 0; u < U; ++u) {
+          const simd::vec x = simd::fma(kv, vv[u], simd::load(row + u * W) * fac);
+          simd::store(row + u * W, x);
+          acc[u] = simd::fma(qv, x, acc[u]);
+        }
+      }
+      for (index_t u = 0; u < U; ++u) simd::store(num + d + u * W, acc[u]);
+    }
+    for (; d + W <= Dv; d += W) {
+      const simd::vec vv = simd::load(v + d), fac(factor);
+      simd::vec acc(0.f);
+      for (index_t f = 0; f < F; ++f) {
+        const simd::vec x = simd::fma(simd::vec(kf[f]), vv, simd::load(S + f * Dv + d) * fac);
+        simd::store(S + f * Dv + d, x);
+        acc = simd::fma(simd::vec(qf[f]), x, acc);
+      }
+      simd::store(num + d, acc);
+    }
+  }
+  for (; d < Dv; ++d) {
+    Acc acc = 0;
+    for (index_t f = 0; f < F; ++f) {
+      Acc& x = S[f * Dv + d];
+      x = factor * x + kf[f] * v[d];
+      acc += qf[f] * x;
+    }
+    num[d] = acc;
+  }
+  return den;
 }
 
 // ---- reference helpers ----------------------------------------------------------------------------------
@@ -1084,10 +1165,10 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
   const index_t grain = std::max<index_t>(1, 16384 / std::max<index_t>(1, F * Dv));
   parallel_for(s.batch * H, grain, [&](index_t t0, index_t t1) {
     detail::linear_scratch<Acc> ws(pl, 1);
-    Acc* qf = ws.aq.data();  // 1 x (F + 1)
-    Acc* kf = ws.kt.data();  // F x 1
-    Acc* vb = ws.sv.data();  // Dv
-    Acc* num = ws.o.data();  // Dv
+    Acc* qf = ws.aq;  // 1 x (F + 1)
+    Acc* kf = ws.kt;  // F x 1
+    Acc* vb = ws.sv;  // Dv
+    Acc* num = ws.o;  // Dv
     for (index_t t = t0; t < t1; ++t) {
       const index_t b = t / H, h = t % H, hk = h / s.group();
       Acc* S = state.s.data() + t * F * Dv;
@@ -1096,16 +1177,10 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
       const Acc r = detail::key_features(pl, k_t, b, 0, 1, hk, ws, kf, 1, M);
       const Acc factor = r * (p.decay ? static_cast<Acc>(p.decay[h]) : Acc(1));
       if (Dv > 0) detail::load_row(vb, &v_t(b, 0, hk, 0), v_t.stride(3), Dv);
-      for (index_t f = 0; f < F; ++f) {
-        if (factor != Acc(1)) detail::vscale(S + f * Dv, factor, Dv);
-        detail::vaxpy(S + f * Dv, kf[f], vb, Dv);
-        z[f] = factor * z[f] + kf[f];
-      }
       if (pl.favor()) state.key_max[static_cast<std::size_t>(t)] = M;
-      detail::query_features(pl, q_t, b, 0, 1, h, ws, qf, F + 1, ws.stab.data());
-      std::fill(num, num + Dv, Acc(0));
-      for (index_t f = 0; f < F; ++f) detail::vaxpy(num, qf[f], S + f * Dv, Dv);
-      detail::finalize_row(pl, num, detail::vdot(qf, z, F), ws.stab[0] + M, out_t, b, index_t(0), h);
+      detail::query_features(pl, q_t, b, 0, 1, h, ws, qf, F + 1, ws.stab);
+      const Acc den = detail::recurrent_update(S, z, kf, vb, qf, factor, F, Dv, num);
+      detail::finalize_row(pl, num, den, ws.stab[0] + M, out_t, b, index_t(0), h);
     }
   });
   state.position += 1;
