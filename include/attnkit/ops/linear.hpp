@@ -561,9 +561,11 @@ inline void tri_acc(index_t rows, index_t N, const Acc* p, index_t ldp, const Ac
 
 // ---- plan and scratch -------------------------------------------------------------------------------
 
-inline constexpr index_t linear_chunk = 32;  // positions per causal chunk / key and query block
-inline constexpr index_t linear_head_group = 2;  // query heads per causal task, walked together
-static_assert(linear_chunk % 16 == 0, "chunk must be a multiple of every simd::width");
+inline constexpr index_t linear_chunk = 32;           // positions per causal chunk
+inline constexpr index_t linear_block = 64;           // keys / queries per block of the non-causal form
+inline constexpr index_t linear_head_group = 2;       // query heads per causal task, walked together
+inline constexpr index_t linear_prefetch_ahead = 32;  // causal: positions between a chunk and its prefetch
+static_assert(linear_chunk % 16 == 0, "a causal chunk is a whole number of vectors of every simd::width");
 
 template <class Acc>
 struct linear_plan {
@@ -609,7 +611,8 @@ struct linear_scratch {
   index_t rows = 0, lda = 0, Dvp = 0;
   std::vector<Acc> buf;
   Acc* aq = nullptr;   // rows x (F + rows): [phi(Q) | P]
-  Acc* kt = nullptr;   // F x rows: phi(K)^T
+  Acc* kr = nullptr;   // rows x F: phi(K)
+  Acc* kt = nullptr;   // F x rows: phi(K)^T (causal scores)
   Acc* sv = nullptr;   // (F + rows) x Dvp: [S; V] (non-causal and decode; causal heads keep their own)
   Acc* o = nullptr;    // rows x Dvp
   Acc* u = nullptr;    // rows x Fp: FAVOR+ logits and feature rows
@@ -618,9 +621,9 @@ struct linear_scratch {
 
   linear_scratch(const linear_plan<Acc>& pl, index_t r, bool with_state = true)
       : rows(r), lda(pl.F + r), Dvp(pl.Dvp) {
-    const index_t sizes[] = {r * lda, pl.F * r, with_state ? (pl.F + r) * pl.Dvp : 0, r * pl.Dvp, r * pl.Fp,
+    const index_t sizes[] = {r * lda, pl.F * r, pl.F * r, with_state ? (pl.F + r) * pl.Dvp : 0, r * pl.Dvp, r * pl.Fp,
                              r * pl.D, pl.F, r, r, r, pl.Dvp};
-    Acc** slots[] = {&aq, &kt, &sv, &o, &u, &x, &z, &den, &stab, &hn, &colscale};
+    Acc** slots[] = {&aq, &kr, &kt, &sv, &o, &u, &x, &z, &den, &stab, &hn, &colscale};
     index_t total = 0;
     for (index_t n : sizes) total += kernels::pad_to_width(n) + simd::width;  // vector-aligned offsets
     buf.assign(static_cast<std::size_t>(total), Acc(0));
@@ -671,20 +674,18 @@ void query_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& q, inde
   }
 }
 
-// phi of key rows [t0, t0 + L) written transposed into kt (F x ldkt). For favor, updates the running
-// key maximum M and returns the factor exp(M_old - M_new) by which state accumulated so far must be
+// phi of key rows [t0, t0 + L) into dst (row j at dst + j * ldd). For favor, updates the running key
+// maximum M and returns the factor exp(M_old - M_new) by which the state accumulated so far must be
 // rescaled (1 when M did not grow).
 template <class Acc, class T>
 Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t b, index_t t0, index_t L,
-                 index_t hk, linear_scratch<Acc>& ws, Acc* kt, index_t ldkt, Acc& M) {
+                 index_t hk, linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc& M) {
   Acc factor = 1;
   if (pl.favor()) {
-    Acc* rows = ws.u;
-    const index_t ld = pl.Fp;
     favor_logits(pl, k, b, t0, L, hk, ws);
     Acc bm = -std::numeric_limits<Acc>::infinity();
     for (index_t j = 0; j < L; ++j) {
-      const Acc m = max_ignoring_nan(rows + j * ld, pl.F) - ws.hn[j];
+      const Acc m = max_ignoring_nan(ws.u + j * pl.Fp, pl.F) - ws.hn[j];
       bm = m > bm ? m : bm;
     }
     if (bm > M) {
@@ -692,29 +693,13 @@ Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t
       M = bm;
     }
     for (index_t j = 0; j < L; ++j)
-      vexp_shift(rows + j * ld, rows + j * ld, pl.F, ws.hn[j] + M + pl.half_log_m);
-    for (index_t j = 0; j < L; ++j)
-      for (index_t f = 0; f < pl.F; ++f) kt[f * ldkt + j] = rows[j * ld + f];
+      vexp_shift(dst + j * ldd, ws.u + j * pl.Fp, pl.F, ws.hn[j] + M + pl.half_log_m);
     return factor;
   }
-  // Other maps: load the rows straight into the columns of kt, then map.
-  const index_t D = pl.D, ks = k.stride(3), js = k.stride(1);
-  if (D == 0 || L == 0) return factor;
-  const T* src = &k(b, t0, hk, 0);
-  for (index_t d = 0; d < D; ++d)  // d outer: contiguous stores (j outer is several times slower)
-    for (index_t j = 0; j < L; ++j) kt[d * ldkt + j] = convert<Acc>(src[j * js + d * ks]);
-  if (L == 1 && ldkt == 1) {
-    map_row(pl.phi, kt, D);  // one key (decode step): a contiguous row
-  } else if (pl.phi == feature_map::cosine) {
-    Acc* inv = ws.hn;  // 1 / |k_j|, 0 for a zero row
-    std::fill(inv, inv + L, Acc(0));
-    for (index_t d = 0; d < D; ++d)
-      for (index_t j = 0; j < L; ++j) inv[j] += kt[d * ldkt + j] * kt[d * ldkt + j];
-    for (index_t j = 0; j < L; ++j) inv[j] = inv[j] == 0 ? Acc(0) : Acc(1) / std::sqrt(inv[j]);
-    for (index_t d = 0; d < D; ++d)
-      for (index_t j = 0; j < L; ++j) kt[d * ldkt + j] *= inv[j];
-  } else {
-    for (index_t d = 0; d < D; ++d) map_row(pl.phi, kt + d * ldkt, L);
+  for (index_t j = 0; j < L; ++j) {
+    Acc* row = dst + j * ldd;
+    if (pl.D > 0) load_row(row, &k(b, t0 + j, hk, 0), k.stride(3), pl.D);
+    map_row(pl.phi, row, pl.D);
   }
   return factor;
 }
@@ -764,15 +749,17 @@ struct causal_head {
   std::vector<Acc> pw;  // C + 1: gamma^n
 };
 
-// One chunk [t0, t0 + L) of one head; Ln rows of the next chunk are prefetched on the way.
+// One chunk [t0, t0 + L) (L <= linear_chunk) of one head; rows [pf, pf + Lpf) are prefetched for a
+// later chunk.
 template <class Acc, class TQ, class TK, class TV, class TO>
 void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                          const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t t0, index_t L,
-                         index_t Ln, causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
+                         index_t pf, index_t Lpf, causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
   constexpr index_t C = linear_chunk, MR = kernels::gemm_mr;
   const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda, h = hs.h, hk = hs.hk;
-  Acc* AQ = ws.aq;
-  Acc* KT = ws.kt;
+  Acc* AQ = ws.aq;  // [phi(Q) | P], lda = F + C
+  Acc* KR = ws.kr;  // phi(K), rows of F
+  Acc* KT = ws.kt;  // phi(K)^T, F x C
   Acc* S = hs.sv.data();
   Acc* V = S + F * Dvp;
   Acc* O = ws.o;
@@ -782,12 +769,14 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   const Acc* pw = hs.pw.data();
   const bool decayed = hs.decayed;
 
-  // Keys (transposed) and values of the chunk; a grown FAVOR+ key maximum rescales S and z.
-  const Acc r = key_features(pl, k, b, t0, L, hk, ws, KT, C, hs.M);
+  // Keys (rows, and transposed for the scores) and values; a grown FAVOR+ key maximum rescales S, z.
+  const Acc r = key_features(pl, k, b, t0, L, hk, ws, KR, F, hs.M);
   if (r != Acc(1)) {
     vscale(S, r, F * Dvp);
     vscale(z, r, F);
   }
+  for (index_t f = 0; f < F; ++f)
+    for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
   if (Dv > 0)
     for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
 
@@ -815,32 +804,34 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     den[i] = inter + vsum_padded(Pi, i + 1);
   }
 
-  // O = [phi(Q) | P] [S; V]: the rectangle left of each row block's diagonal by gemm_acc, the
-  // diagonal triangle by tri_acc.
+  // O = [phi(Q) | P] [S; V]: per row block, the rectangle left of the block's diagonal by gemm_acc
+  // and the diagonal triangle by tri_acc (entries above the diagonal are never read). The rows of a
+  // later chunk are prefetched a few at a time on the way.
   std::fill(O, O + L * Dvp, Acc(0));
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     const index_t R = std::min(MR, L - r0);
-    if (r0 < Ln) {  // the next chunk's rows, a few at a time so the requests overlap the arithmetic
-      const index_t n = std::min(MR, Ln - r0);
-      prefetch_rows(q, b, t0 + C + r0, n, h);
-      prefetch_rows(k, b, t0 + C + r0, n, hk);
-      prefetch_rows(v, b, t0 + C + r0, n, hk);
-      prefetch_rows<1>(out, b, t0 + C + r0, n, h);
+    if (r0 < Lpf) {
+      const index_t n = std::min(MR, Lpf - r0);
+      prefetch_rows(q, b, pf + r0, n, h);
+      prefetch_rows(k, b, pf + r0, n, hk);
+      prefetch_rows(v, b, pf + r0, n, hk);
+      prefetch_rows<1>(out, b, pf + r0, n, h);
     }
     gemm(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
     tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
   }
 
-  // State: S = gamma^L S + sum_j gamma^(L-1-j) phi(k_j) v_j^T, z likewise.
+  // State: S = gamma^L S + sum_j gamma^(L-1-j) phi(k_j) v_j^T (A = phi(K)^T read from the rows in
+  // place), z likewise.
   const Acc* cs = nullptr;
   if (decayed) {
-    for (index_t f = 0; f < F; ++f)
-      for (index_t j = 0; j < L; ++j) KT[f * C + j] *= pw[L - 1 - j];
-    std::fill(ws.colscale, ws.colscale + ws.Dvp, pw[L]);
+    for (index_t j = 0; j < L; ++j) vscale(KR + j * F, pw[L - 1 - j], F);
+    std::fill(ws.colscale, ws.colscale + Dvp, pw[L]);
     cs = ws.colscale;
+    vscale(z, pw[L], F);
   }
-  gemm(F, Dvp, L, KT, C, index_t(1), V, Dvp, S, Dvp, cs);
-  for (index_t f = 0; f < F; ++f) z[f] = (decayed ? pw[L] * z[f] : z[f]) + vsum_padded(KT + f * C, L);
+  gemm(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
+  for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
 
   for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, out, b, t0 + i, h);
 }
@@ -877,9 +868,10 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     }
   }
   for (index_t t0 = 0; t0 < N; t0 += C) {
-    const index_t L = std::min(C, N - t0), Ln = std::min(C, std::max<index_t>(0, N - t0 - C));
+    const index_t L = std::min(C, N - t0);
+    const index_t pf = t0 + linear_prefetch_ahead, Lpf = std::min(C, std::max<index_t>(0, N - pf));
     for (index_t i = 0; i < nh; ++i)
-      linear_causal_chunk(pl, q, k, v, out, b, t0, L, Ln, heads[static_cast<std::size_t>(i)], ws);
+      linear_causal_chunk(pl, q, k, v, out, b, t0, L, pf, Lpf, heads[static_cast<std::size_t>(i)], ws);
   }
   if (st_s)
     for (index_t i = 0; i < nh; ++i) {
@@ -898,10 +890,10 @@ template <class Acc, class TQ, class TK, class TV, class TO>
 void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                             const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t hk,
                             index_t group, linear_scratch<Acc>& ws) {
-  constexpr index_t C = linear_chunk;
+  constexpr index_t C = linear_block;
   const index_t Nq = q.extent(1), Nk = k.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
   Acc* AQ = ws.aq;
-  Acc* KT = ws.kt;
+  Acc* KR = ws.kr;
   Acc* S = ws.sv;
   Acc* V = S + F * Dvp;
   Acc* O = ws.o;
@@ -917,15 +909,15 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
       prefetch_rows(k, b, t0 + C, std::min(C, Nk - t0 - C), hk);
       prefetch_rows(v, b, t0 + C, std::min(C, Nk - t0 - C), hk);
     }
-    const Acc r = key_features(pl, k, b, t0, L, hk, ws, KT, C, M);
+    const Acc r = key_features(pl, k, b, t0, L, hk, ws, KR, F, M);
     if (r != Acc(1)) {
       vscale(S, r, F * Dvp);
       vscale(z, r, F);
     }
     if (Dv > 0)
       for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
-    gemm(F, Dvp, L, KT, C, index_t(1), V, Dvp, S, Dvp);
-    for (index_t f = 0; f < F; ++f) z[f] += vsum_padded(KT + f * C, L);
+    gemm(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp);
+    for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
   }
 
   for (index_t h = hk * group; h < (hk + 1) * group; ++h)
@@ -970,7 +962,7 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
     if (st) st->position += s.q_len;
   } else {
     parallel_for(s.batch * s.kv_heads, 1, [&](index_t t0, index_t t1) {
-      linear_scratch<Acc> ws(pl, linear_chunk);
+      linear_scratch<Acc> ws(pl, linear_block);
       for (index_t t = t0; t < t1; ++t)
         linear_noncausal_group(pl, q, k, v, out, t / s.kv_heads, t % s.kv_heads, s.group(), ws);
     });
@@ -1166,7 +1158,7 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
   parallel_for(s.batch * H, grain, [&](index_t t0, index_t t1) {
     detail::linear_scratch<Acc> ws(pl, 1);
     Acc* qf = ws.aq;  // 1 x (F + 1)
-    Acc* kf = ws.kt;  // F x 1
+    Acc* kf = ws.kr;  // F
     Acc* vb = ws.sv;  // Dv
     Acc* num = ws.o;  // Dv
     for (index_t t = t0; t < t1; ++t) {
@@ -1174,7 +1166,7 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
       Acc* S = state.s.data() + t * F * Dv;
       Acc* z = state.z.data() + t * F;
       Acc M = pl.favor() ? state.key_max[static_cast<std::size_t>(t)] : Acc(0);
-      const Acc r = detail::key_features(pl, k_t, b, 0, 1, hk, ws, kf, 1, M);
+      const Acc r = detail::key_features(pl, k_t, b, 0, 1, hk, ws, kf, F, M);
       const Acc factor = r * (p.decay ? static_cast<Acc>(p.decay[h]) : Acc(1));
       if (Dv > 0) detail::load_row(vb, &v_t(b, 0, hk, 0), v_t.stride(3), Dv);
       if (pl.favor()) state.key_max[static_cast<std::size_t>(t)] = M;
