@@ -241,6 +241,29 @@ TEST_CASE("recurrent steps equal the causal parallel form; prefill + steps equal
       }
 }
 
+TEST_CASE("a double state accumulates double inputs in double: steps equal the parallel form to 1e-12") {
+  const index_t B = 1, N = 70, Hq = 2, Hkv = 1, D = 9, Dv = 5;
+  const favor_projection proj = make_favor_projection(12, D, 3);
+  const float decay[Hq] = {0.95f, 1.f};
+  for (feature_map phi : {feature_map::elu_plus_one, feature_map::favor_positive}) {
+    const linear_params p = make_params(phi, true, true, decay, &proj);
+    tensor4<double> q(B, N, Hq, D), k(B, N, Hkv, D), v(B, N, Hkv, Dv), par(B, N, Hq, Dv), rec(B, N, Hq, Dv),
+        ref(B, N, Hq, Dv);
+    test::fill_uniform(q, 31);
+    test::fill_uniform(k, 32);
+    test::fill_uniform(v, 33);
+    linear_attention(q.view, k.view, v.view, par.view, p);
+    reference_linear_attention(q.view, k.view, v.view, ref.view, p);
+    linear_attention_state<double> st(B, Hq, linear_feature_dim(p, D), Dv);
+    for (index_t t = 0; t < N; ++t)
+      linear_attention_step(st, q.view.slice(1, t, t + 1), k.view.slice(1, t, t + 1), v.view.slice(1, t, t + 1),
+                            rec.view.slice(1, t, t + 1), p);
+    INFO(feature_map_name(phi));
+    CHECK(test::compare(par.view, ref.view).rel() < tol_double);
+    CHECK(test::compare(rec.view, ref.view).rel() < tol_double);
+  }
+}
+
 TEST_CASE("outputs are bitwise identical for 1 and 2 threads") {
 #if defined(_OPENMP)
   const int saved = omp_get_max_threads();

@@ -29,18 +29,24 @@
 //
 // Algorithms (accumulation in float, in double when an input or the state is double):
 //   non-causal  S = phi(K)^T V and z = sum_j phi(k_j) per (batch, kv head), then out = phi(Q) S / phi(Q) z,
-//               both GEMM-shaped (kernels::gemm_acc).
-//   causal      fixed chunks of C = 32 positions. Per chunk: [phi(Q_c) * decay | masked P_c] x [S; V_c]
-//               as one GEMM per row block, where P_c = phi(Q_c) phi(K_c)^T * gamma^(i-j) restricted to
-//               j <= i; the diagonal row-block triangle is done by a small register kernel so masked
-//               entries are never read (a NaN in v_j reaches only rows i >= j). Then the running state
-//               S <- gamma^C S + sum_j gamma^(C-1-j) phi(k_j) v_j^T and normalizer z. Every decay
-//               exponent is within a chunk (0 .. C): no gamma^(-i) growth on long sequences.
+//               both GEMM-shaped (kernels::gemm_acc), in blocks of 64 keys / queries.
+//   causal      fixed chunks of C = 32 positions. Per chunk: P_c = phi(Q_c) phi(K_c)^T (GEMM, only
+//               the columns up to each row block's diagonal), masked to j <= i and decayed by
+//               gamma^(i-j); then [gamma^(i+1) phi(Q_c) | P_c] x [S; V_c] as one GEMM per row block
+//               for the part left of the block's diagonal, and the diagonal triangle by a small
+//               register kernel, so masked entries are never read (a NaN in v_j reaches only rows
+//               i >= j); then S <- gamma^C S + sum_j gamma^(C-1-j) phi(k_j) v_j^T (GEMM) and z. Every
+//               decay exponent lies within a chunk (0 .. C): no gamma^(-i) growth on long sequences.
+//               A task walks 2 query heads chunk by chunk (adjacent heads share cache lines in the
+//               usual (batch, seq, head, dim) layout) and prefetches the next chunk's rows.
 //   recurrent   linear_attention_step appends one token to a linear_attention_state:
-//               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps).
-// Work is parallel over (batch, head) (causal, decode) or (batch, kv head) (non-causal) and each unit
-// is computed the same way whatever the thread count, so results are bitwise identical for any
-// number of threads.
+//               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps),
+//               in one pass over the state.
+// Work is parallel over (batch, pair of query heads) (causal), (batch, kv head) (non-causal) or
+// (batch, head) (decode); each head is computed the same way whatever the thread count, so results
+// are bitwise identical for any number of threads. Scratch is per task: O(C (F + C) + F Dv) floats.
+// Known cost: with grouped heads the causal form recomputes phi(K) and the state for every query
+// head of a group (the decay may differ per query head), and decode states are per query head.
 #pragma once
 
 #include <algorithm>
