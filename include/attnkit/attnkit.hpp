@@ -7,6 +7,7 @@
 #include "attnkit/core/tensor_view.hpp"
 #include "attnkit/core/types.hpp"
 #include "attnkit/simd/simd.hpp"
+#include "attnkit/ops/linear.hpp"
 #include "attnkit/ops/reference.hpp"
 #include "attnkit/ops/flash.hpp"
 #include "attnkit/ops/block_sparse.hpp"

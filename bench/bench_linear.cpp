@@ -1,0 +1,94 @@
+// linear_attention: the causal chunked form and the non-causal form, GFLOP/s and % of the FMA peak
+// measured in the same process, plus FAVOR+ and one recurrent decode step.
+//
+// FLOP count (the GFLOPs / pct_peak counters): 4 * B * H * N * F * Dv, the two GEMM-shaped products
+// every O(N F Dv) linear-attention algorithm performs (phi(K)^T V and phi(Q) S, 2 FLOPs per
+// multiply-add). The causal form's extra intra-chunk products (phi(Q_c) phi(K_c)^T and P_c V_c: about
+// C / 2 * (F + Dv) multiply-adds per position for chunk C = 32, more with the padding to whole vectors),
+// the feature maps, FAVOR+'s projections (4 * N * m * d) and the normalizers are real work that is not
+// counted, so pct_peak understates the arithmetic rate.
+// Shapes: B = 1, H = 4 heads, F = Dv = D (elu_plus_one), fp32 bshd.
+#include "common.hpp"
+
+#include <attnkit/ops/linear.hpp>
+
+using namespace attnkit;
+
+namespace {
+
+struct problem {
+  index_t B = 1, N, H = 4, D;
+  std::vector<float> q, k, v, out;
+  problem(index_t n, index_t d) : N(n), D(d) {
+    const auto sz = std::size_t(B * N * H * D);
+    q = bench::random_vector<float>(sz, 1);
+    k = bench::random_vector<float>(sz, 2);
+    v = bench::random_vector<float>(sz, 3);
+    out.assign(sz, 0.f);
+  }
+  void run(const linear_params& p) {
+    linear_attention(bshd(q.data(), B, N, H, D), bshd(k.data(), B, N, H, D), bshd(v.data(), B, N, H, D),
+                     bshd(out.data(), B, N, H, D), p);
+  }
+};
+
+double linear_flops(index_t B, index_t H, index_t N, index_t F, index_t Dv) {
+  return 4.0 * double(B) * double(H) * double(N) * double(F) * double(Dv);
+}
+
+void run_linear_bench(benchmark::State& state, bool causal) {
+  problem pr(state.range(0), state.range(1));
+  const int threads = int(state.range(2));
+  linear_params p;
+  p.causal = causal;
+  bench::run_timed(state, threads, linear_flops(pr.B, pr.H, pr.N, pr.D, pr.D), 0, [&] { pr.run(p); });
+}
+
+}  // namespace
+
+static void linear_causal(benchmark::State& state) { run_linear_bench(state, true); }
+static void linear_noncausal(benchmark::State& state) { run_linear_bench(state, false); }
+
+// FAVOR+ with m = 256 random features (counted F = m).
+static void linear_favor_causal(benchmark::State& state) {
+  problem pr(state.range(0), state.range(1));
+  const int threads = int(state.range(2));
+  const favor_projection proj = make_favor_projection(256, pr.D, 1);
+  linear_params p;
+  p.phi = feature_map::favor_positive;
+  p.causal = true;
+  p.projection = proj;
+  bench::run_timed(state, threads, linear_flops(pr.B, pr.H, pr.N, 256, pr.D), 0, [&] { pr.run(p); });
+}
+
+// One recurrent decode step for a batch of 8 sequences x 4 heads (the state is read and written once:
+// bytes = 2 * B * H * F * Dv * 4).
+static void linear_step(benchmark::State& state) {
+  const index_t B = 8, H = 4, D = state.range(0);
+  const int threads = int(state.range(1));
+  auto q = bench::random_vector<float>(std::size_t(B * H * D), 1), k = bench::random_vector<float>(q.size(), 2),
+       v = bench::random_vector<float>(q.size(), 3);
+  std::vector<float> out(q.size());
+  linear_params p;
+  p.causal = true;
+  linear_attention_state st(B, H, D, D);
+  const double flops = linear_flops(B, H, 1, D, D), bytes = 2.0 * double(B * H * D * D) * sizeof(float);
+  bench::run_timed(state, threads, flops, bytes, [&] {
+    linear_attention_step(st, bshd(q.data(), B, 1, H, D), bshd(k.data(), B, 1, H, D), bshd(v.data(), B, 1, H, D),
+                          bshd(out.data(), B, 1, H, D), p);
+  });
+}
+
+#define ATTNKIT_LINEAR_ARGS                                                                                  \
+  ArgNames({"N", "D", "threads"})                                                                            \
+      ->ArgsProduct({{1024, 4096, 8192, 16384, 65536}, {64, 128}, {1, 2}})                                   \
+      ->UseManualTime()                                                                                      \
+      ->Unit(benchmark::kMillisecond)
+BENCHMARK(linear_causal)->ATTNKIT_LINEAR_ARGS;
+BENCHMARK(linear_noncausal)->ATTNKIT_LINEAR_ARGS;
+BENCHMARK(linear_favor_causal)
+    ->ArgNames({"N", "D", "threads"})
+    ->ArgsProduct({{8192}, {64}, {1, 2}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(linear_step)->ArgNames({"D", "threads"})->ArgsProduct({{64, 128}, {1, 2}})->UseManualTime()->Unit(benchmark::kMicrosecond);

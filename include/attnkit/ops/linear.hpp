@@ -1,0 +1,1187 @@
+// Linear (kernelized) attention: feature maps, Performer FAVOR+ random features, the causal chunked
+// form with per-head decay, and recurrent decoding.
+//
+// Definition. For a feature map phi, query head h (kv head hk = h / (Hq / Hkv)), query i and key j:
+//
+//   w_ij = phi(q_i) . phi(k_j) * gamma_h^(i - j)
+//
+// where gamma_h is the per-head decay (params.decay; absent = 1, only with causal). The keys in play
+// are all j < Nk (non-causal) or j <= i (causal, Nq == Nk). With params.normalize (default)
+//   out_i = sum_j w_ij v_j / (sum_j w_ij + eps)      (a row whose denominator is exactly 0 gets 0)
+// and without it out_i = sum_j w_ij v_j.
+//
+// Feature maps (d = head_dim, all applied per row):
+//   identity        phi(x) = x
+//   elu_plus_one    phi(x) = elu(x) + 1 = (x > 0 ? x + 1 : exp(x))        (Katharopoulos et al. 2020)
+//   relu            phi(x) = max(x, 0)                                      (NaN stays NaN)
+//   cosine          phi(x) = x / |x|_2  (0 for x = 0)                      (Cottention; usually normalize = false)
+//   favor_positive  phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m),  x' = x * sqrt(scale)
+//                   with W the m x d params.projection, so that E[phi(q).phi(k)] = exp(scale * q.k)
+//                   (Performer FAVOR+, Choromanski et al. 2021). scale = 0 means 1/sqrt(d).
+//
+// FAVOR+ stabilization. As in Performer, the fast paths evaluate exp(u - M) instead of exp(u), with
+// M the per-row maximum for a query and one maximum over the keys for the keys (a running maximum
+// over the keys read so far, rescaling the accumulated state when it grows, so the chunked, causal
+// and recurrent forms never see a key twice). Unlike Performer, the stabilizers are then undone
+// exactly: eps is compared with the stabilized denominator as eps * exp(-(M_q + M_k)), and the
+// unnormalized output is multiplied by exp(M_q + M_k). The result is therefore the definition above,
+// independent of the stabilizers, and the recurrent steps agree with the parallel pass.
+//
+// Algorithms (accumulation in float, in double when an input or the state is double):
+//   non-causal  S = phi(K)^T V and z = sum_j phi(k_j) per (batch, kv head), then out = phi(Q) S / phi(Q) z,
+//               both GEMM-shaped (kernels::gemm_acc), in blocks of 64 keys / queries.
+//   causal      fixed chunks of C = 32 positions. Per chunk: P_c = phi(Q_c) phi(K_c)^T (GEMM, only
+//               the columns up to each row block's diagonal), masked to j <= i and decayed by
+//               gamma^(i-j); then [gamma^(i+1) phi(Q_c) | P_c] x [S; V_c] as one GEMM per row block
+//               for the part left of the block's diagonal, and the diagonal triangle by a small
+//               register kernel, so masked entries are never read (a NaN in v_j reaches only rows
+//               i >= j); then S <- gamma^C S + sum_j gamma^(C-1-j) phi(k_j) v_j^T (GEMM) and z. Every
+//               decay exponent lies within a chunk (0 .. C): no gamma^(-i) growth on long sequences.
+//               A task walks 2 query heads chunk by chunk (adjacent heads share cache lines in the
+//               usual (batch, seq, head, dim) layout) and prefetches the next chunk's rows.
+//   recurrent   linear_attention_step appends one token to a linear_attention_state:
+//               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps),
+//               in one pass over the state.
+// Work is parallel over (batch, pair of query heads) (causal), (batch, kv head) (non-causal) or
+// (batch, head) (decode); each head is computed the same way whatever the thread count, so results
+// are bitwise identical for any number of threads. Scratch is per task: O(C (F + C) + F Dv) floats.
+// Known cost: with grouped heads the causal form recomputes phi(K) and the state for every query
+// head of a group (the decay may differ per query head), and decode states are per query head.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numbers>
+#include <random>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+#include <Eigen/QR>
+
+#include "attnkit/core/attention_params.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/parallel.hpp"
+#include "attnkit/core/tensor_view.hpp"
+#include "attnkit/core/types.hpp"
+#include "attnkit/kernels/gemm.hpp"
+#include "attnkit/simd/simd.hpp"
+
+namespace attnkit {
+
+enum class feature_map { identity, elu_plus_one, relu, cosine, favor_positive };
+
+inline const char* feature_map_name(feature_map f) {
+  switch (f) {
+    case feature_map::identity: return "identity";
+    case feature_map::elu_plus_one: return "elu_plus_one";
+    case feature_map::relu: return "relu";
+    case feature_map::cosine: return "cosine";
+    case feature_map::favor_positive: return "favor_positive";
+  }
+  return "unknown";
+}
+
+struct linear_params {
+  feature_map phi = feature_map::elu_plus_one;
+  bool causal = false;
+  bool normalize = true;
+  float eps = 1e-6f;
+  const float* decay = nullptr;              // one gamma per query head in (0, 1], causal only
+  tensor_view<const float, 2> projection{};  // favor_positive: m x d random feature matrix (logical (feature, dim))
+  float scale = 0.f;                         // favor_positive approximates exp(scale * q.k); 0 -> 1/sqrt(d)
+};
+
+// The feature dimension phi produces for head_dim d: m (projection rows) for favor_positive, else d.
+inline index_t linear_feature_dim(const linear_params& p, index_t head_dim) {
+  return p.phi == feature_map::favor_positive ? p.projection.extent(0) : head_dim;
+}
+
+// ---- FAVOR+ random features -----------------------------------------------------------------------
+
+// An owning m x d row-major matrix. It converts to the view linear_params::projection takes; the
+// conversion is deleted for temporaries so a params struct cannot keep a dangling view.
+struct favor_projection {
+  index_t features = 0, dim = 0;
+  std::vector<float> values;  // [features][dim]
+
+  tensor_view<const float, 2> view() const& { return matrix(values.data(), features, dim); }
+  tensor_view<const float, 2> view() const&& = delete;
+  operator tensor_view<const float, 2>() const& { return view(); }  // NOLINT(google-explicit-constructor)
+  operator tensor_view<const float, 2>() const&& = delete;
+};
+
+namespace detail {
+
+// Standard normal samples from mt19937_64 by Box-Muller: the engine is fully specified by the
+// standard (std::normal_distribution is not), so a seed gives the same matrix with every library.
+class normal_source {
+ public:
+  explicit normal_source(std::uint64_t seed) : gen_(seed) {}
+  double operator()() {
+    if (has_spare_) {
+      has_spare_ = false;
+      return spare_;
+    }
+    const double u1 = (static_cast<double>(gen_() >> 11) + 1.0) * 0x1.0p-53;  // (0, 1]
+    const double u2 = static_cast<double>(gen_() >> 11) * 0x1.0p-53;          // [0, 1)
+    const double r = std::sqrt(-2.0 * std::log(u1)), t = 2.0 * std::numbers::pi * u2;
+    spare_ = r * std::sin(t);
+    has_spare_ = true;
+    return r * std::cos(t);
+  }
+
+ private:
+  std::mt19937_64 gen_;
+  double spare_ = 0;
+  bool has_spare_ = false;
+};
+
+}  // namespace detail
+
+// The m x d FAVOR+ projection. orthogonal: rows come in blocks of d that are orthogonalized with
+// Eigen's Householder QR of a Gaussian d x d matrix (the last block keeps its first m mod d rows),
+// then row r is rescaled to the norm of an independent Gaussian d-vector (chi_d distributed), as in
+// Performer's gaussian_orthogonal_random_matrix. Otherwise iid N(0, 1) entries. Deterministic for a
+// seed.
+inline favor_projection make_favor_projection(index_t m, index_t d, std::uint64_t seed, bool orthogonal = true) {
+  detail::require(m >= 1, "make_favor_projection", "m", "a feature count >= 1", m);
+  detail::require(d >= 1, "make_favor_projection", "d", "a head dimension >= 1", d);
+  favor_projection r;
+  r.features = m;
+  r.dim = d;
+  r.values.assign(static_cast<std::size_t>(m * d), 0.f);
+  detail::normal_source normal(seed);
+  if (!orthogonal) {
+    for (auto& x : r.values) x = static_cast<float>(normal());
+    return r;
+  }
+  Eigen::MatrixXd rows(m, d);
+  for (index_t r0 = 0; r0 < m; r0 += d) {
+    Eigen::MatrixXd g(d, d);
+    for (index_t i = 0; i < d; ++i)
+      for (index_t j = 0; j < d; ++j) g(i, j) = normal();
+    const Eigen::MatrixXd q = Eigen::HouseholderQR<Eigen::MatrixXd>(g).householderQ();
+    const index_t take = std::min(d, m - r0);
+    rows.middleRows(r0, take) = q.transpose().topRows(take);  // orthonormal rows
+  }
+  for (index_t i = 0; i < m; ++i) {
+    double sq = 0;
+    for (index_t j = 0; j < d; ++j) {
+      const double x = normal();
+      sq += x * x;
+    }
+    const double norm = std::sqrt(sq);
+    for (index_t j = 0; j < d; ++j) r.values[static_cast<std::size_t>(i * d + j)] = static_cast<float>(norm * rows(i, j));
+  }
+  return r;
+}
+
+// ---- recurrent state --------------------------------------------------------------------------------
+
+// The causal prefix of a linear-attention problem, per (batch, query head): the (stabilized) state
+// S = sum_j gamma^(t-1-j) phi(k_j) v_j^T (features x value_dim), the normalizer z = sum_j
+// gamma^(t-1-j) phi(k_j), the FAVOR+ key stabilizer (running key maximum, -inf before the first key)
+// and the number of tokens appended. Acc is the accumulation type (float, or double).
+// linear_attention(..., state) appends a whole sequence (prefill), linear_attention_step one token.
+// A state serves one feature map and projection; reset() empties it.
+template <class Acc = float>
+struct linear_attention_state {
+  static_assert(std::is_same_v<Acc, float> || std::is_same_v<Acc, double>,
+                "linear_attention_state accumulates in float or double");
+
+  index_t batch = 0, heads = 0, features = 0, value_dim = 0;
+  index_t position = 0;    // tokens appended so far
+  std::vector<Acc> s;      // [batch][head][feature][value_dim]
+  std::vector<Acc> z;      // [batch][head][feature]
+  std::vector<Acc> key_max;  // [batch][head], favor_positive only
+
+  linear_attention_state() = default;
+  linear_attention_state(index_t batch_, index_t heads_, index_t features_, index_t value_dim_)
+      : batch(batch_), heads(heads_), features(features_), value_dim(value_dim_) {
+    const char* fn = "linear_attention_state";
+    detail::require(batch >= 0, fn, "batch", "a value >= 0", batch);
+    detail::require(heads >= 0, fn, "heads", "a value >= 0", heads);
+    detail::require(features >= 0, fn, "features", "a value >= 0", features);
+    detail::require(value_dim >= 0, fn, "value_dim", "a value >= 0", value_dim);
+    s.resize(static_cast<std::size_t>(batch * heads * features * value_dim));
+    z.resize(static_cast<std::size_t>(batch * heads * features));
+    key_max.resize(static_cast<std::size_t>(batch * heads));
+    reset();
+  }
+
+  void reset() {
+    std::fill(s.begin(), s.end(), Acc(0));
+    std::fill(z.begin(), z.end(), Acc(0));
+    std::fill(key_max.begin(), key_max.end(), -std::numeric_limits<Acc>::infinity());
+    position = 0;
+  }
+};
+
+namespace detail {
+
+// ---- argument checks ------------------------------------------------------------------------------
+
+template <class TQ, class TK, class TV, class TO>
+void check_linear_element_types() {
+  static_assert(is_input_element_v<std::remove_const_t<TQ>> && is_input_element_v<std::remove_const_t<TK>> &&
+                    is_input_element_v<std::remove_const_t<TV>>,
+                "q, k, v elements must be float, double, attnkit::bf16 or attnkit::f16");
+  static_assert(is_output_element_v<TO>, "out elements must be (non-const) float or double");
+}
+
+// double when any input is double, float otherwise.
+template <class TQ, class TK, class TV>
+using linear_accum_t =
+    std::conditional_t<std::is_same_v<accum_t<TQ>, double> || std::is_same_v<accum_t<TK>, double> ||
+                           std::is_same_v<accum_t<TV>, double>,
+                       double, float>;
+
+struct linear_shape {
+  attention_shape s;
+  index_t features = 0;
+};
+
+// The shape checks of validate_attention (with default attention_params and no lse). That function
+// formats its messages before testing (an ostringstream per check, microseconds per call, which
+// would dominate a decode step), so when the shapes pass exactly the conditions it tests the shape
+// is built here, and otherwise it runs and throws its usual message.
+template <class TQ, class TK, class TV, class TO>
+attention_shape linear_attention_shape(std::string_view fn, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                                       const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out) {
+  attention_shape s;
+  s.batch = q.extent(0);
+  s.q_len = q.extent(1);
+  s.q_heads = q.extent(2);
+  s.head_dim = q.extent(3);
+  s.kv_len = k.extent(1);
+  s.kv_heads = k.extent(2);
+  s.value_dim = v.extent(3);
+  const bool ok = k.extent(0) == s.batch && k.extent(3) == s.head_dim && (s.q_heads == 0 || s.kv_heads >= 1) &&
+                  (s.kv_heads == 0 || s.q_heads % s.kv_heads == 0) &&
+                  v.extents() == std::array<index_t, 4>{s.batch, s.kv_len, s.kv_heads, s.value_dim} &&
+                  out.extents() == std::array<index_t, 4>{s.batch, s.q_len, s.q_heads, s.value_dim};
+  return ok ? s : validate_attention(fn, q, k, v, out, attention_params{}, tensor_view<const float, 3>{});
+}
+
+// Checks run on every call (including every decode step), so the messages are built only on failure.
+template <class TQ, class TK, class TV, class TO>
+linear_shape validate_linear(std::string_view fn, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                             const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const linear_params& p) {
+  linear_shape r;
+  r.s = linear_attention_shape(fn, q, k, v, out);
+  const attention_shape& s = r.s;
+  const int phi = static_cast<int>(p.phi);
+  require(phi >= 0 && phi <= static_cast<int>(feature_map::favor_positive), fn, "params.phi",
+          "a feature_map enumerator", phi);
+  const bool favor = p.phi == feature_map::favor_positive;
+  require(std::isfinite(p.eps) && p.eps >= 0.f, fn, "params.eps", "a finite value >= 0", p.eps);
+  require(std::isfinite(p.scale) && (!favor || p.scale >= 0.f), fn, "params.scale",
+          favor ? "a finite value >= 0 (0 for 1/sqrt(head_dim))" : "a finite value", p.scale);
+  if (p.causal && s.kv_len != s.q_len)
+    fail(fn, "k", concat("sequence length ", s.q_len, " (as q: causal linear attention needs Nq == Nk)"),
+         concat(s.kv_len));
+  if (p.decay != nullptr) {
+    require(p.causal, fn, "params.decay", "nullptr unless params.causal (decay is causal only)",
+            "a decay with causal = false");
+    for (index_t h = 0; h < s.q_heads; ++h)
+      if (!(p.decay[h] > 0.f && p.decay[h] <= 1.f))
+        fail(fn, concat("params.decay[", h, "]"), "a value in (0, 1]", concat(p.decay[h]));
+  }
+  const bool has_projection = p.projection.data() != nullptr || !p.projection.empty();
+  const auto projection_extents = [&] { return extents_string(p.projection.extents().data(), 2); };
+  if (favor) {
+    if (!has_projection || p.projection.extent(0) < 1)
+      fail(fn, "params.projection", "an m x d feature matrix for favor_positive (see make_favor_projection)",
+           projection_extents());
+    if (p.projection.extent(1) != s.head_dim)
+      fail(fn, "params.projection", concat("logical extents (feature, dim) with dim = head_dim ", s.head_dim),
+           projection_extents());
+    for (index_t f = 0; f < p.projection.extent(0); ++f)
+      for (index_t d = 0; d < p.projection.extent(1); ++d)
+        if (!std::isfinite(p.projection(f, d)))
+          fail(fn, concat("params.projection(", f, ", ", d, ")"), "a finite value", concat(p.projection(f, d)));
+    r.features = p.projection.extent(0);
+  } else {
+    if (has_projection)
+      fail(fn, "params.projection",
+           concat("an empty view (only favor_positive uses it; phi is ", feature_map_name(p.phi), ")"),
+           projection_extents());
+    r.features = s.head_dim;
+  }
+  return r;
+}
+
+template <class Acc>
+void validate_linear_state(std::string_view fn, const linear_attention_state<Acc>& st, const linear_shape& ls,
+                           const linear_params& p) {
+  require(p.causal, fn, "params.causal", "true (a state carries a causal prefix)", "false");
+  if (st.batch != ls.s.batch) fail(fn, "state.batch", concat(ls.s.batch, " (as q)"), concat(st.batch));
+  if (st.heads != ls.s.q_heads)
+    fail(fn, "state.heads", concat(ls.s.q_heads, " (the query heads of q)"), concat(st.heads));
+  if (st.features != ls.features)
+    fail(fn, "state.features", concat(ls.features, " (", feature_map_name(p.phi), " features)"),
+         concat(st.features));
+  if (st.value_dim != ls.s.value_dim)
+    fail(fn, "state.value_dim", concat(ls.s.value_dim, " (as v)"), concat(st.value_dim));
+  const auto bh = static_cast<std::size_t>(st.batch * st.heads);
+  const bool sized = st.s.size() == bh * static_cast<std::size_t>(st.features * st.value_dim) &&
+                     st.z.size() == bh * static_cast<std::size_t>(st.features) && st.key_max.size() == bh;
+  if (!sized)
+    fail(fn, "state", "storage sized by its batch, heads, features and value_dim",
+         concat("s/z/key_max of ", st.s.size(), "/", st.z.size(), "/", st.key_max.size(), " elements"));
+}
+
+// ---- small vector helpers: SIMD for float, plain loops for double ------------------------------------
+
+template <class Acc>
+inline Acc vdot(const Acc* a, const Acc* b, index_t n) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    return simd::dot(a, b, n);
+  } else {
+    Acc s = 0;
+    for (index_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+  }
+}
+
+alignas(64) inline constexpr float lane_ids[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static_assert(simd::width <= 16, "lane_ids covers at most 16 float lanes");
+
+// Sum of x[0, n). Reads (but ignores) up to kernels::pad_to_width(n) elements: x must be padded.
+template <class Acc>
+inline Acc vsum_padded(const Acc* x, index_t n) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    simd::vec acc(0.f);
+    index_t i = 0;
+    for (; i + simd::width <= n; i += simd::width) acc += simd::load(x + i);
+    if (i < n) {
+      const auto keep = simd::load(lane_ids) < simd::vec(static_cast<float>(n - i));
+      acc += xsimd::select(keep, simd::load(x + i), simd::vec(0.f));
+    }
+    return simd::hsum(acc);
+  } else {
+    Acc s = 0;
+    for (index_t i = 0; i < n; ++i) s += x[i];
+    return s;
+  }
+}
+
+template <class Acc>
+inline void vaxpy(Acc* y, Acc a, const Acc* x, index_t n) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    simd::axpy(y, a, x, n);
+  } else {
+    for (index_t i = 0; i < n; ++i) y[i] += a * x[i];
+  }
+}
+
+template <class Acc>
+inline void vscale(Acc* x, Acc a, index_t n) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    simd::scale(x, a, n);
+  } else {
+    for (index_t i = 0; i < n; ++i) x[i] *= a;
+  }
+}
+
+// dst[i] = exp(src[i] - shift).
+template <class Acc>
+inline void vexp_shift(Acc* dst, const Acc* src, index_t n, Acc shift) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    const simd::vec sh(shift);
+    index_t i = 0;
+    for (; i + simd::width <= n; i += simd::width) simd::store(dst + i, simd::exp(simd::load(src + i) - sh));
+    if (i < n) simd::store_tail(dst + i, simd::exp(simd::load_tail(src + i, n - i) - sh), n - i);
+  } else {
+    for (index_t i = 0; i < n; ++i) dst[i] = std::exp(src[i] - shift);
+  }
+}
+
+// Maximum of n values ignoring NaN (-inf when there is none).
+template <class Acc>
+inline Acc max_ignoring_nan(const Acc* x, index_t n) {
+  Acc m = -std::numeric_limits<Acc>::infinity();
+  for (index_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// dst[i] = Acc(src[i * stride]).
+template <class Acc, class T>
+inline void load_row(Acc* dst, const T* src, index_t stride, index_t n) {
+  if constexpr (std::is_same_v<Acc, float> && !std::is_same_v<std::remove_cv_t<T>, double>) {
+    if (stride == 1) return simd::convert_row(dst, src, n);
+  }
+  for (index_t i = 0; i < n; ++i) dst[i] = convert<Acc>(src[i * stride]);
+}
+
+// Prefetches rows [t0, t0 + L) of head `head` (L2 hint; rw = 1 for rows about to be written). The
+// operators walk one head of a (batch, seq, head, dim) tensor, a strided pattern the hardware
+// prefetchers follow poorly once the tensors leave the caches; asking one chunk ahead hides it.
+// Always inlined: GCC's IPA otherwise finds the function free of side effects and drops its calls.
+template <int RW = 0, class T>
+[[gnu::always_inline]] inline void prefetch_rows(const tensor_view<T, 4>& x, index_t b, index_t t0, index_t L, index_t head) {
+  const index_t n = x.extent(3);
+  if (n == 0) return;
+  const index_t bytes = ((n - 1) * x.stride(3) + 1) * index_t(sizeof(T));
+  for (index_t j = 0; j < L; ++j) {
+    const char* row = reinterpret_cast<const char*>(&x(b, t0 + j, head, 0));
+    for (index_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, RW, 2);
+  }
+}
+
+// Elementwise / per-row feature maps (all but favor_positive), in place on a row of n values.
+template <class Acc>
+inline void map_row(feature_map phi, Acc* x, index_t n) {
+  switch (phi) {
+    case feature_map::identity:
+    case feature_map::favor_positive: return;
+    case feature_map::elu_plus_one:
+      if constexpr (std::is_same_v<Acc, float>) {
+        const simd::vec zero(0.f), one(1.f);
+        auto f = [&](const simd::vec& v) { return xsimd::select(v <= zero, simd::exp(v), v + one); };
+        index_t i = 0;
+        for (; i + simd::width <= n; i += simd::width) simd::store(x + i, f(simd::load(x + i)));
+        if (i < n) simd::store_tail(x + i, f(simd::load_tail(x + i, n - i)), n - i);
+      } else {
+        for (index_t i = 0; i < n; ++i) x[i] = x[i] <= 0 ? std::exp(x[i]) : x[i] + 1;
+      }
+      return;
+    case feature_map::relu:
+      if constexpr (std::is_same_v<Acc, float>) {
+        const simd::vec zero(0.f);
+        index_t i = 0;
+        for (; i + simd::width <= n; i += simd::width) {
+          const simd::vec v = simd::load(x + i);
+          simd::store(x + i, xsimd::select(v < zero, zero, v));
+        }
+        for (; i < n; ++i) x[i] = x[i] < 0.f ? 0.f : x[i];
+      } else {
+        for (index_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? 0 : x[i];
+      }
+      return;
+    case feature_map::cosine: {
+      const Acc sq = vdot(x, x, n);
+      vscale(x, sq == 0 ? Acc(0) : Acc(1) / std::sqrt(sq), n);
+      return;
+    }
+  }
+}
+
+// ---- tile arithmetic --------------------------------------------------------------------------------
+
+// C = C * col_scale + A B with kernels::gemm_acc's conventions (N a multiple of simd::width).
+// gemm_acc covers N with blocks of 3 vectors and a remainder; a remainder of one vector (N = 4, 7, ...
+// vectors, e.g. head dim 64 with AVX-512) runs an MR x 1 block that is latency-bound, so those widths
+// are split into two calls whose blocks are 3, ..., 3, 2 and 2 vectors wide. Each C element still
+// sums k in increasing order, so the result is the same.
+template <class Acc>
+inline void gemm(index_t M, index_t N, index_t K, const Acc* a, index_t rs_a, index_t cs_a, const Acc* b,
+                 index_t ldb, Acc* c, index_t ldc, const Acc* col_scale = nullptr) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    constexpr index_t W = simd::width;
+    const index_t nv = N / W;
+    if (nv >= 4 && nv % 3 == 1) {
+      const index_t n1 = (nv - 2) * W;  // 3, ..., 3, 2 vectors
+      kernels::gemm_acc(M, n1, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
+      kernels::gemm_acc(M, N - n1, K, a, rs_a, cs_a, b + n1, ldb, c + n1, ldc, col_scale ? col_scale + n1 : nullptr);
+      return;
+    }
+    kernels::gemm_acc(M, N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
+  } else {
+    for (index_t m = 0; m < M; ++m) {
+      Acc* cm = c + m * ldc;
+      if (col_scale)
+        for (index_t n = 0; n < N; ++n) cm[n] *= col_scale[n];
+      for (index_t k = 0; k < K; ++k) {
+        const Acc am = a[m * rs_a + k * cs_a];
+        const Acc* bk = b + k * ldb;
+        for (index_t n = 0; n < N; ++n) cm[n] += am * bk[n];
+      }
+    }
+  }
+}
+
+// Lower-triangular block product: o[i][:] += sum_{j <= i} p[i][j] * v[j][:] for i, j < R. Entries of p
+// above the diagonal and rows of v beyond a row's diagonal are never read. Register-blocked like
+// gemm_acc: R rows x NV vectors of accumulators; the column index J is a template parameter so every
+// loop has a constant trip count and the accumulators stay in registers.
+template <int R, int NV, int J>
+inline void tri_column(simd::vec (&acc)[R][NV], const float* p, index_t ldp, const float* v, index_t ldv) {
+  if constexpr (J < R) {
+    constexpr index_t W = simd::width;
+    simd::vec bv[NV];
+    for (int n = 0; n < NV; ++n) bv[n] = simd::load(v + J * ldv + n * W);
+    for (int i = J; i < R; ++i) {
+      const simd::vec pij(p[i * ldp + J]);
+      for (int n = 0; n < NV; ++n) acc[i][n] = simd::fma(pij, bv[n], acc[i][n]);
+    }
+    tri_column<R, NV, J + 1>(acc, p, ldp, v, ldv);
+  }
+}
+
+template <int R, int NV>
+inline void tri_block(const float* p, index_t ldp, const float* v, index_t ldv, float* o, index_t ldo) {
+  constexpr index_t W = simd::width;
+  simd::vec acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int n = 0; n < NV; ++n) acc[i][n] = simd::load(o + i * ldo + n * W);
+  tri_column<R, NV, 0>(acc, p, ldp, v, ldv);
+  for (int i = 0; i < R; ++i)
+    for (int n = 0; n < NV; ++n) simd::store(o + i * ldo + n * W, acc[i][n]);
+}
+
+template <int R>
+inline void tri_rows(index_t N, const float* p, index_t ldp, const float* v, index_t ldv, float* o, index_t ldo) {
+  constexpr index_t W = simd::width;
+  index_t n = 0;
+  for (; n + 3 * W <= N; n += 3 * W) tri_block<R, 3>(p, ldp, v + n, ldv, o + n, ldo);
+  const index_t rest = (N - n) / W;
+  if (rest == 2) tri_block<R, 2>(p, ldp, v + n, ldv, o + n, ldo);
+  else if (rest == 1) tri_block<R, 1>(p, ldp, v + n, ldv, o + n, ldo);
+}
+
+template <int R>
+inline void tri_dispatch(index_t rows, index_t N, const float* p, index_t ldp, const float* v, index_t ldv, float* o,
+                         index_t ldo) {
+  if constexpr (R > 0) {
+    if (rows == R) return tri_rows<R>(N, p, ldp, v, ldv, o, ldo);
+    tri_dispatch<R - 1>(rows, N, p, ldp, v, ldv, o, ldo);
+  }
+}
+
+template <class Acc>
+inline void tri_acc(index_t rows, index_t N, const Acc* p, index_t ldp, const Acc* v, index_t ldv, Acc* o,
+                    index_t ldo) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    tri_dispatch<kernels::gemm_mr>(rows, N, p, ldp, v, ldv, o, ldo);
+  } else {
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j <= i; ++j) vaxpy(o + i * ldo, p[i * ldp + j], v + j * ldv, N);
+  }
+}
+
+// ---- plan and scratch -------------------------------------------------------------------------------
+
+inline constexpr index_t linear_chunk = 32;           // positions per causal chunk
+inline constexpr index_t linear_block = 64;           // keys / queries per block of the non-causal form
+inline constexpr index_t linear_head_group = 2;       // query heads per causal task, walked together
+inline constexpr index_t linear_prefetch_ahead = 32;  // causal: positions between a chunk and its prefetch
+static_assert(linear_chunk % 16 == 0, "a causal chunk is a whole number of vectors of every simd::width");
+
+template <class Acc>
+struct linear_plan {
+  feature_map phi = feature_map::elu_plus_one;
+  bool normalize = true;
+  Acc eps = 0, log_eps = 0;
+  index_t D = 0, F = 0, Fp = 0, Dv = 0, Dvp = 0;
+  Acc half_scale = 0;     // favor: scale / 2 (|x'|^2 / 2 = half_scale * |x|^2)
+  Acc half_log_m = 0;     // favor: log(m) / 2, the 1/sqrt(m) factor folded into the exponent
+  std::vector<Acc> wt;    // favor: sqrt(scale) * W^T, D x Fp row-major, zero padded
+  bool favor() const { return phi == feature_map::favor_positive; }
+};
+
+template <class Acc>
+linear_plan<Acc> make_linear_plan(const linear_shape& ls, const linear_params& p) {
+  linear_plan<Acc> pl;
+  pl.phi = p.phi;
+  pl.normalize = p.normalize;
+  pl.eps = static_cast<Acc>(p.eps);
+  pl.log_eps = p.eps > 0.f ? std::log(pl.eps) : Acc(0);
+  pl.D = ls.s.head_dim;
+  pl.F = ls.features;
+  pl.Fp = kernels::pad_to_width(std::max(pl.F, pl.D));
+  pl.Dv = ls.s.value_dim;
+  pl.Dvp = kernels::pad_to_width(pl.Dv);
+  if (pl.favor()) {
+    const Acc scale = effective_scale<Acc>(p.scale, pl.D);
+    const Acc root = std::sqrt(scale);
+    pl.half_scale = scale / 2;
+    pl.half_log_m = std::log(static_cast<Acc>(pl.F)) / 2;
+    pl.wt.assign(static_cast<std::size_t>(std::max<index_t>(pl.D * pl.Fp, 1)), Acc(0));
+    for (index_t f = 0; f < pl.F; ++f)
+      for (index_t d = 0; d < pl.D; ++d) pl.wt[static_cast<std::size_t>(d * pl.Fp + f)] = root * static_cast<Acc>(p.projection(f, d));
+  }
+  return pl;
+}
+
+// Per-task buffers for chunks of up to `rows` positions (linear_chunk for the parallel forms, 1 for
+// a decode step), carved from one zero-initialized allocation; padding columns are never written and
+// stay 0.
+template <class Acc>
+struct linear_scratch {
+  index_t rows = 0, lda = 0, Dvp = 0;
+  std::vector<Acc> buf;
+  Acc* aq = nullptr;   // rows x (F + rows): [phi(Q) | P]
+  Acc* kr = nullptr;   // rows x F: phi(K)
+  Acc* kt = nullptr;   // F x rows: phi(K)^T (causal scores)
+  Acc* sv = nullptr;   // (F + rows) x Dvp: [S; V] (non-causal and decode; causal heads keep their own)
+  Acc* o = nullptr;    // rows x Dvp
+  Acc* u = nullptr;    // rows x Fp: FAVOR+ logits and feature rows
+  Acc* x = nullptr;    // rows x D: raw rows for FAVOR+
+  Acc *z = nullptr, *den = nullptr, *stab = nullptr, *hn = nullptr, *colscale = nullptr;
+
+  linear_scratch(const linear_plan<Acc>& pl, index_t r, bool with_state = true)
+      : rows(r), lda(pl.F + r), Dvp(pl.Dvp) {
+    const index_t sizes[] = {r * lda, pl.F * r, pl.F * r, with_state ? (pl.F + r) * pl.Dvp : 0, r * pl.Dvp, r * pl.Fp,
+                             r * pl.D, pl.F, r, r, r, pl.Dvp};
+    Acc** slots[] = {&aq, &kr, &kt, &sv, &o, &u, &x, &z, &den, &stab, &hn, &colscale};
+    index_t total = 0;
+    for (index_t n : sizes) total += kernels::pad_to_width(n) + simd::width;  // vector-aligned offsets
+    buf.assign(static_cast<std::size_t>(total), Acc(0));
+    index_t off = 0;
+    for (std::size_t i = 0; i < std::size(sizes); ++i) {
+      *slots[i] = buf.data() + off;
+      off += kernels::pad_to_width(sizes[i]) + simd::width;
+    }
+  }
+};
+
+// ---- feature rows -------------------------------------------------------------------------------------
+
+// FAVOR+ logits of rows [t0, t0 + L) of head `head`: u[j][f] = (W x'_j)_f into ws.u (ld Fp), and
+// hn[j] = |x'_j|^2 / 2.
+template <class Acc, class T>
+void favor_logits(const linear_plan<Acc>& pl, const tensor_view<T, 4>& x, index_t b, index_t t0, index_t L,
+                  index_t head, linear_scratch<Acc>& ws) {
+  Acc* X = ws.x;
+  for (index_t j = 0; j < L; ++j) {
+    if (pl.D > 0) load_row(X + j * pl.D, &x(b, t0 + j, head, 0), x.stride(3), pl.D);
+    ws.hn[j] = pl.half_scale * vdot(X + j * pl.D, X + j * pl.D, pl.D);
+  }
+  Acc* U = ws.u;
+  std::fill(U, U + L * pl.Fp, Acc(0));
+  gemm(L, pl.Fp, pl.D, X, pl.D, index_t(1), pl.wt.data(), pl.Fp, U, pl.Fp);
+}
+
+// phi of query rows [t0, t0 + L) into dst (ld ldd); stab[j] = the row's stabilizer M_q (0 unless favor).
+template <class Acc, class T>
+void query_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& q, index_t b, index_t t0, index_t L,
+                    index_t h, linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc* stab) {
+  if (pl.favor()) {
+    favor_logits(pl, q, b, t0, L, h, ws);
+    for (index_t j = 0; j < L; ++j) {
+      const Acc* u = ws.u + j * pl.Fp;
+      const Acc mq = max_ignoring_nan(u, pl.F);
+      stab[j] = mq - ws.hn[j];
+      vexp_shift(dst + j * ldd, u, pl.F, mq + pl.half_log_m);
+    }
+    return;
+  }
+  for (index_t j = 0; j < L; ++j) {
+    Acc* row = dst + j * ldd;
+    if (pl.D > 0) load_row(row, &q(b, t0 + j, h, 0), q.stride(3), pl.D);
+    map_row(pl.phi, row, pl.D);
+    stab[j] = 0;
+  }
+}
+
+// phi of key rows [t0, t0 + L) into dst (row j at dst + j * ldd). For favor, updates the running key
+// maximum M and returns the factor exp(M_old - M_new) by which the state accumulated so far must be
+// rescaled (1 when M did not grow).
+template <class Acc, class T>
+Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t b, index_t t0, index_t L,
+                 index_t hk, linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc& M) {
+  Acc factor = 1;
+  if (pl.favor()) {
+    favor_logits(pl, k, b, t0, L, hk, ws);
+    Acc bm = -std::numeric_limits<Acc>::infinity();
+    for (index_t j = 0; j < L; ++j) {
+      const Acc m = max_ignoring_nan(ws.u + j * pl.Fp, pl.F) - ws.hn[j];
+      bm = m > bm ? m : bm;
+    }
+    if (bm > M) {
+      factor = std::exp(M - bm);  // 0 when M was -inf (nothing accumulated yet)
+      M = bm;
+    }
+    for (index_t j = 0; j < L; ++j)
+      vexp_shift(dst + j * ldd, ws.u + j * pl.Fp, pl.F, ws.hn[j] + M + pl.half_log_m);
+    return factor;
+  }
+  for (index_t j = 0; j < L; ++j) {
+    Acc* row = dst + j * ldd;
+    if (pl.D > 0) load_row(row, &k(b, t0 + j, hk, 0), k.stride(3), pl.D);
+    map_row(pl.phi, row, pl.D);
+  }
+  return factor;
+}
+
+// dst[i * ds] = TO(o[i] * f) for i < n.
+template <class Acc, class TO>
+inline void scale_store(TO* dst, index_t ds, const Acc* o, Acc f, index_t n) {
+  index_t i = 0;
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<TO, float>) {
+    if (ds == 1) {
+      const simd::vec vf(f);
+      for (; i + simd::width <= n; i += simd::width) simd::store(dst + i, simd::load(o + i) * vf);
+    }
+  }
+  for (; i < n; ++i) dst[i * ds] = static_cast<TO>(o[i] * f);
+}
+
+// out row = o / (den + eps') (normalize) or o * exp(stab) (not), with the FAVOR+ stabilizers undone.
+template <class Acc, class TO>
+inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc stab, const tensor_view<TO, 4>& out,
+                         index_t b, index_t t, index_t h) {
+  if (pl.Dv == 0) return;
+  TO* dst = &out(b, t, h, 0);
+  const index_t ds = out.stride(3);
+  Acc f = 1;
+  if (pl.normalize) {
+    Acc e = pl.eps;
+    if (pl.favor()) e = pl.eps > 0 ? std::exp(pl.log_eps - stab) : Acc(0);
+    const Acc d = den + e;
+    f = d == 0 ? Acc(0) : Acc(1) / d;  // a zero denominator gives 0 (only reachable with eps = 0)
+  } else if (pl.favor()) {
+    f = std::exp(stab);
+  }
+  scale_store(dst, ds, o, f, pl.Dv);
+}
+
+// ---- the causal chunked form -----------------------------------------------------------------------
+
+// The running state of one (batch, query head) of the causal form.
+template <class Acc>
+struct causal_head {
+  index_t h = 0, hk = 0;
+  bool decayed = false;
+  Acc M = 0;            // FAVOR+ running key maximum
+  std::vector<Acc> sv;  // (F + C) x Dvp: [S; V], the state on top of the chunk's values
+  std::vector<Acc> z;   // F: normalizer
+  std::vector<Acc> pw;  // C + 1: gamma^n
+};
+
+// One chunk [t0, t0 + L) (L <= linear_chunk) of one head; rows [pf, pf + Lpf) are prefetched for a
+// later chunk.
+template <class Acc, class TQ, class TK, class TV, class TO>
+void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                         const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t t0, index_t L,
+                         index_t pf, index_t Lpf, causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
+  constexpr index_t C = linear_chunk, MR = kernels::gemm_mr;
+  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda, h = hs.h, hk = hs.hk;
+  Acc* AQ = ws.aq;  // [phi(Q) | P], lda = F + C
+  Acc* KR = ws.kr;  // phi(K), rows of F
+  Acc* KT = ws.kt;  // phi(K)^T, F x C
+  Acc* S = hs.sv.data();
+  Acc* V = S + F * Dvp;
+  Acc* O = ws.o;
+  Acc* z = hs.z.data();
+  Acc* den = ws.den;
+  Acc* stab = ws.stab;
+  const Acc* pw = hs.pw.data();
+  const bool decayed = hs.decayed;
+
+  // Keys (rows, and transposed for the scores) and values; a grown FAVOR+ key maximum rescales S, z.
+  const Acc r = key_features(pl, k, b, t0, L, hk, ws, KR, F, hs.M);
+  if (r != Acc(1)) {
+    vscale(S, r, F * Dvp);
+    vscale(z, r, F);
+  }
+  for (index_t f = 0; f < F; ++f)
+    for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
+  if (Dv > 0)
+    for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
+
+  // Queries into the left block of AQ, then P = phi(Q) phi(K)^T into the right block, row block by
+  // row block, computing only the columns up to the block's diagonal (rounded up to a vector).
+  query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
+  for (index_t r0 = 0; r0 < L; r0 += MR) {
+    const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
+    Acc* P = AQ + r0 * lda + F;
+    for (index_t i = 0; i < R; ++i) std::fill(P + i * lda, P + i * lda + nc, Acc(0));
+    gemm(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, P, lda);
+  }
+
+  // Mask and decay P (j <= i only), the normalizers, and the inter-chunk decay of phi(q_i).
+  for (index_t i = 0; i < L; ++i) {
+    Acc* qi = AQ + i * lda;
+    Acc* Pi = qi + F;
+    if (decayed)
+      for (index_t j = 0; j <= i; ++j) Pi[j] *= pw[i - j];
+    Acc inter = vdot(qi, z, F);
+    if (decayed) {
+      inter *= pw[i + 1];
+      vscale(qi, pw[i + 1], F);
+    }
+    den[i] = inter + vsum_padded(Pi, i + 1);
+  }
+
+  // O = [phi(Q) | P] [S; V]: per row block, the rectangle left of the block's diagonal by gemm_acc
+  // and the diagonal triangle by tri_acc (entries above the diagonal are never read). The rows of a
+  // later chunk are prefetched a few at a time on the way.
+  std::fill(O, O + L * Dvp, Acc(0));
+  for (index_t r0 = 0; r0 < L; r0 += MR) {
+    const index_t R = std::min(MR, L - r0);
+    if (r0 < Lpf) {
+      const index_t n = std::min(MR, Lpf - r0);
+      prefetch_rows(q, b, pf + r0, n, h);
+      prefetch_rows(k, b, pf + r0, n, hk);
+      prefetch_rows(v, b, pf + r0, n, hk);
+      prefetch_rows<1>(out, b, pf + r0, n, h);
+    }
+    gemm(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
+    tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
+  }
+
+  // State: S = gamma^L S + sum_j gamma^(L-1-j) phi(k_j) v_j^T (A = phi(K)^T read from the rows in
+  // place), z likewise.
+  const Acc* cs = nullptr;
+  if (decayed) {
+    for (index_t j = 0; j < L; ++j) vscale(KR + j * F, pw[L - 1 - j], F);
+    std::fill(ws.colscale, ws.colscale + Dvp, pw[L]);
+    cs = ws.colscale;
+    vscale(z, pw[L], F);
+  }
+  gemm(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
+  for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
+
+  for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, out, b, t0 + i, h);
+}
+
+// Query heads [h0, h0 + nh) of batch b, chunk by chunk and head by head within a chunk: in the
+// common (batch, seq, head, dim) layout the heads of a position are adjacent, so a task that walks
+// several heads together uses every cache line it brings in. st_* (optional) hold the caller's
+// state for these heads, read at the start and written at the end.
+template <class Acc, class TQ, class TK, class TV, class TO>
+void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                         const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t h0,
+                         index_t nh, index_t group, const float* decay, linear_scratch<Acc>& ws,
+                         std::vector<causal_head<Acc>>& heads, Acc* st_s, Acc* st_z, Acc* st_m) {
+  constexpr index_t C = linear_chunk;
+  const index_t N = q.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp;
+  for (index_t i = 0; i < nh; ++i) {
+    causal_head<Acc>& hs = heads[static_cast<std::size_t>(i)];
+    hs.h = h0 + i;
+    hs.hk = hs.h / group;
+    hs.decayed = decay != nullptr && decay[hs.h] != 1.f;
+    if (hs.decayed)
+      for (index_t n = 0; n <= C; ++n)
+        hs.pw[static_cast<std::size_t>(n)] = static_cast<Acc>(std::pow(double(decay[hs.h]), double(n)));
+    // Initial state: zero, or the caller's prefix.
+    std::fill(hs.sv.begin(), hs.sv.begin() + F * Dvp, Acc(0));
+    std::fill(hs.z.begin(), hs.z.end(), Acc(0));
+    hs.M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
+    if (st_s) {
+      for (index_t f = 0; f < F; ++f) {
+        std::copy(st_s + (i * F + f) * Dv, st_s + (i * F + f + 1) * Dv, hs.sv.begin() + f * Dvp);
+        hs.z[static_cast<std::size_t>(f)] = st_z[i * F + f];
+      }
+      if (pl.favor()) hs.M = st_m[i];
+    }
+  }
+  for (index_t t0 = 0; t0 < N; t0 += C) {
+    const index_t L = std::min(C, N - t0);
+    const index_t pf = t0 + linear_prefetch_ahead, Lpf = std::min(C, std::max<index_t>(0, N - pf));
+    for (index_t i = 0; i < nh; ++i)
+      linear_causal_chunk(pl, q, k, v, out, b, t0, L, pf, Lpf, heads[static_cast<std::size_t>(i)], ws);
+  }
+  if (st_s)
+    for (index_t i = 0; i < nh; ++i) {
+      const causal_head<Acc>& hs = heads[static_cast<std::size_t>(i)];
+      for (index_t f = 0; f < F; ++f) {
+        std::copy(hs.sv.begin() + f * Dvp, hs.sv.begin() + f * Dvp + Dv, st_s + (i * F + f) * Dv);
+        st_z[i * F + f] = hs.z[static_cast<std::size_t>(f)];
+      }
+      if (pl.favor()) st_m[i] = hs.M;
+    }
+}
+
+// ---- the non-causal form for one (batch, kv head) and its query heads ---------------------------------
+
+template <class Acc, class TQ, class TK, class TV, class TO>
+void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                            const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t hk,
+                            index_t group, linear_scratch<Acc>& ws) {
+  constexpr index_t C = linear_block;
+  const index_t Nq = q.extent(1), Nk = k.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
+  Acc* AQ = ws.aq;
+  Acc* KR = ws.kr;
+  Acc* S = ws.sv;
+  Acc* V = S + F * Dvp;
+  Acc* O = ws.o;
+  Acc* z = ws.z;
+  Acc* stab = ws.stab;
+  Acc M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
+  std::fill(S, S + F * Dvp, Acc(0));
+  std::fill(z, z + F, Acc(0));
+
+  for (index_t t0 = 0; t0 < Nk; t0 += C) {
+    const index_t L = std::min(C, Nk - t0);
+    if (t0 + C < Nk) {
+      prefetch_rows(k, b, t0 + C, std::min(C, Nk - t0 - C), hk);
+      prefetch_rows(v, b, t0 + C, std::min(C, Nk - t0 - C), hk);
+    }
+    const Acc r = key_features(pl, k, b, t0, L, hk, ws, KR, F, M);
+    if (r != Acc(1)) {
+      vscale(S, r, F * Dvp);
+      vscale(z, r, F);
+    }
+    if (Dv > 0)
+      for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
+    gemm(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp);
+    for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
+  }
+
+  for (index_t h = hk * group; h < (hk + 1) * group; ++h)
+    for (index_t t0 = 0; t0 < Nq; t0 += C) {
+      const index_t L = std::min(C, Nq - t0);
+      if (t0 + C < Nq) {
+        prefetch_rows(q, b, t0 + C, std::min(C, Nq - t0 - C), h);
+        prefetch_rows<1>(out, b, t0 + C, std::min(C, Nq - t0 - C), h);
+      }
+      query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
+      std::fill(O, O + L * Dvp, Acc(0));
+      gemm(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
+      for (index_t i = 0; i < L; ++i)
+        finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, out, b, t0 + i, h);
+    }
+}
+
+template <class Acc, class TQ, class TK, class TV, class TO>
+void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const linear_params& p,
+                linear_attention_state<Acc>* st) {
+  const attention_shape& s = ls.s;
+  const linear_plan<Acc> pl = make_linear_plan<Acc>(ls, p);
+  if (p.causal) {
+    const index_t F = pl.F, Dv = pl.Dv, G = linear_head_group, groups = (s.q_heads + G - 1) / G;
+    parallel_for(s.batch * groups, 1, [&](index_t t0, index_t t1) {
+      linear_scratch<Acc> ws(pl, linear_chunk, false);
+      std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(G));
+      for (auto& hs : heads) {
+        hs.sv.assign(static_cast<std::size_t>(std::max<index_t>((F + linear_chunk) * pl.Dvp, 1)), Acc(0));
+        hs.z.assign(static_cast<std::size_t>(std::max<index_t>(F, 1)), Acc(0));
+        hs.pw.assign(static_cast<std::size_t>(linear_chunk + 1), Acc(1));
+      }
+      for (index_t t = t0; t < t1; ++t) {
+        const index_t b = t / groups, h0 = (t % groups) * G, nh = std::min(G, s.q_heads - h0);
+        const index_t first = b * s.q_heads + h0;  // state index of (b, h0)
+        linear_causal_heads(pl, q, k, v, out, b, h0, nh, s.group(), p.decay, ws, heads,
+                            st ? st->s.data() + first * F * Dv : nullptr, st ? st->z.data() + first * F : nullptr,
+                            st ? st->key_max.data() + first : nullptr);
+      }
+    });
+    if (st) st->position += s.q_len;
+  } else {
+    parallel_for(s.batch * s.kv_heads, 1, [&](index_t t0, index_t t1) {
+      linear_scratch<Acc> ws(pl, linear_block);
+      for (index_t t = t0; t < t1; ++t)
+        linear_noncausal_group(pl, q, k, v, out, t / s.kv_heads, t % s.kv_heads, s.group(), ws);
+    });
+  }
+}
+
+// ---- recurrent step ---------------------------------------------------------------------------------------
+
+// One token for one head, in a single pass over the state:
+//   S_f = factor * S_f + kf_f v,  z_f = factor * z_f + kf_f,  num = sum_f qf_f S_f;  returns qf . z.
+// S is F x Dv row-major (the state layout), num has Dv entries.
+template <class Acc>
+inline Acc recurrent_update(Acc* S, Acc* z, const Acc* kf, const Acc* v, const Acc* qf, Acc factor, index_t F,
+                            index_t Dv, Acc* num) {
+  Acc den = 0;
+  for (index_t f = 0; f < F; ++f) {
+    z[f] = factor * z[f] + kf[f];
+    den += qf[f] * z[f];
+  }
+  index_t d = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+    constexpr index_t W = simd::width, U = 4;
+    for (; d + U * W <= Dv; d += U * W) {
+      simd::vec vv[U], acc[U];
+      for (index_t u = 0; u < U; ++u) {
+        vv[u] = simd::load(v + d + u * W);
+        acc[u] = simd::vec(0.f);
+      }
+      const simd::vec fac(factor);
+      for (index_t f = 0; f < F; ++f) {
+        float* row = S + f * Dv + d;
+        const simd::vec kv(kf[f]), qv(qf[f]);
+        for (index_t u = 0; u < U; ++u) {
+          const simd::vec x = simd::fma(kv, vv[u], simd::load(row + u * W) * fac);
+          simd::store(row + u * W, x);
+          acc[u] = simd::fma(qv, x, acc[u]);
+        }
+      }
+      for (index_t u = 0; u < U; ++u) simd::store(num + d + u * W, acc[u]);
+    }
+    for (; d + W <= Dv; d += W) {
+      const simd::vec vv = simd::load(v + d), fac(factor);
+      simd::vec acc(0.f);
+      for (index_t f = 0; f < F; ++f) {
+        const simd::vec x = simd::fma(simd::vec(kf[f]), vv, simd::load(S + f * Dv + d) * fac);
+        simd::store(S + f * Dv + d, x);
+        acc = simd::fma(simd::vec(qf[f]), x, acc);
+      }
+      simd::store(num + d, acc);
+    }
+  }
+  for (; d < Dv; ++d) {
+    Acc acc = 0;
+    for (index_t f = 0; f < F; ++f) {
+      Acc& x = S[f * Dv + d];
+      x = factor * x + kf[f] * v[d];
+      acc += qf[f] * x;
+    }
+    num[d] = acc;
+  }
+  return den;
+}
+
+// ---- reference helpers ----------------------------------------------------------------------------------
+
+// phi of one row in double, exactly as the definition reads (no stabilization).
+template <class T>
+void reference_features(const linear_params& p, const tensor_view<T, 4>& x, index_t b, index_t t, index_t head,
+                        index_t D, index_t F, double scale, std::vector<double>& row, std::vector<double>& phi) {
+  for (index_t d = 0; d < D; ++d) row[static_cast<std::size_t>(d)] = convert<double>(x(b, t, head, d));
+  switch (p.phi) {
+    case feature_map::identity:
+      for (index_t d = 0; d < D; ++d) phi[static_cast<std::size_t>(d)] = row[static_cast<std::size_t>(d)];
+      return;
+    case feature_map::elu_plus_one:
+      for (index_t d = 0; d < D; ++d) {
+        const double y = row[static_cast<std::size_t>(d)];
+        phi[static_cast<std::size_t>(d)] = y > 0 ? y + 1 : std::isnan(y) ? y : std::exp(y);
+      }
+      return;
+    case feature_map::relu:
+      for (index_t d = 0; d < D; ++d) {
+        const double y = row[static_cast<std::size_t>(d)];
+        phi[static_cast<std::size_t>(d)] = y < 0 ? 0.0 : y;
+      }
+      return;
+    case feature_map::cosine: {
+      double sq = 0;
+      for (index_t d = 0; d < D; ++d) sq += row[static_cast<std::size_t>(d)] * row[static_cast<std::size_t>(d)];
+      const double norm = std::sqrt(sq);
+      for (index_t d = 0; d < D; ++d) phi[static_cast<std::size_t>(d)] = norm == 0 ? 0.0 : row[static_cast<std::size_t>(d)] / norm;
+      return;
+    }
+    case feature_map::favor_positive: {
+      const double root = std::sqrt(scale);
+      double sq = 0;
+      for (index_t d = 0; d < D; ++d) {
+        row[static_cast<std::size_t>(d)] *= root;
+        sq += row[static_cast<std::size_t>(d)] * row[static_cast<std::size_t>(d)];
+      }
+      for (index_t f = 0; f < F; ++f) {
+        double u = 0;
+        for (index_t d = 0; d < D; ++d) u += double(p.projection(f, d)) * row[static_cast<std::size_t>(d)];
+        phi[static_cast<std::size_t>(f)] = std::exp(u - sq / 2) / std::sqrt(double(F));
+      }
+      return;
+    }
+  }
+}
+
+}  // namespace detail
+
+// ---- public entry points ------------------------------------------------------------------------------
+
+// The O(Nq * Nk * (F + Dv)) definition above, evaluated in double without any stabilization.
+template <class TQ, class TK, class TV, class TO>
+void reference_linear_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
+                                tensor_view<TO, 4> out, const linear_params& p) {
+  detail::check_linear_element_types<TQ, TK, TV, TO>();
+  const detail::linear_shape ls = detail::validate_linear("reference_linear_attention", q, k, v, out, p);
+  const attention_shape& s = ls.s;
+  const index_t D = s.head_dim, F = ls.features, Dv = s.value_dim;
+  const double scale = detail::effective_scale<double>(p.scale, D);
+  parallel_for(s.batch * s.q_heads, 1, [&](index_t t0, index_t t1) {
+    std::vector<double> row(static_cast<std::size_t>(D)), phiq(static_cast<std::size_t>(F)),
+        phik(static_cast<std::size_t>(s.kv_len * F)), num(static_cast<std::size_t>(Dv));
+    std::vector<double> tmp(static_cast<std::size_t>(F));
+    for (index_t t = t0; t < t1; ++t) {
+      const index_t b = t / s.q_heads, h = t % s.q_heads, hk = h / s.group();
+      for (index_t j = 0; j < s.kv_len; ++j) {
+        detail::reference_features(p, k, b, j, hk, D, F, scale, row, tmp);
+        std::copy(tmp.begin(), tmp.end(), phik.begin() + j * F);
+      }
+      for (index_t i = 0; i < s.q_len; ++i) {
+        detail::reference_features(p, q, b, i, h, D, F, scale, row, phiq);
+        std::fill(num.begin(), num.end(), 0.0);
+        double den = 0;
+        const index_t hi = p.causal ? i + 1 : s.kv_len;
+        for (index_t j = 0; j < hi; ++j) {
+          double w = 0;
+          for (index_t f = 0; f < F; ++f) w += phiq[static_cast<std::size_t>(f)] * phik[static_cast<std::size_t>(j * F + f)];
+          if (p.decay) w *= std::pow(double(p.decay[h]), double(i - j));
+          den += w;
+          for (index_t d = 0; d < Dv; ++d) num[static_cast<std::size_t>(d)] += w * convert<double>(v(b, j, hk, d));
+        }
+        const double dd = den + double(p.eps);
+        for (index_t d = 0; d < Dv; ++d) {
+          const double x = num[static_cast<std::size_t>(d)];
+          out(b, i, h, d) = static_cast<TO>(!p.normalize ? x : dd == 0 ? 0.0 : x / dd);
+        }
+      }
+    }
+  });
+}
+
+// Linear attention as defined above: O(N * F * Dv) per head.
+template <class TQ, class TK, class TV, class TO>
+void linear_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v, tensor_view<TO, 4> out,
+                      const linear_params& p) {
+  detail::check_linear_element_types<TQ, TK, TV, TO>();
+  const detail::linear_shape ls = detail::validate_linear("linear_attention", q, k, v, out, p);
+  using Acc = detail::linear_accum_t<TQ, TK, TV>;
+  detail::run_linear<Acc>(ls, q, k, v, out, p, static_cast<linear_attention_state<Acc>*>(nullptr));
+}
+
+// Causal linear attention continuing from `state` (positions state.position, ...): the output of the
+// sequence given everything appended before, and the state advanced past it (prefill before
+// linear_attention_step, or a long sequence processed in pieces). Needs params.causal.
+template <class TQ, class TK, class TV, class TO, class Acc>
+void linear_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v, tensor_view<TO, 4> out,
+                      const linear_params& p, linear_attention_state<Acc>& state) {
+  detail::check_linear_element_types<TQ, TK, TV, TO>();
+  const detail::linear_shape ls = detail::validate_linear("linear_attention", q, k, v, out, p);
+  detail::validate_linear_state("linear_attention", state, ls, p);
+  detail::run_linear<Acc>(ls, q, k, v, out, p, &state);
+}
+
+// Appends one token per (batch, head) to `state` and writes its output: q_t, k_t, v_t and out_t are
+// (batch, 1, head, dim) views. O(F * Dv) per head whatever the position. A sequence of steps equals
+// the causal parallel form (to rounding). Needs params.causal.
+template <class TQ, class TK, class TV, class TO, class Acc>
+void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4> q_t, tensor_view<TK, 4> k_t,
+                           tensor_view<TV, 4> v_t, tensor_view<TO, 4> out_t, const linear_params& p) {
+  constexpr std::string_view fn = "linear_attention_step";
+  detail::check_linear_element_types<TQ, TK, TV, TO>();
+  const detail::linear_shape ls = detail::validate_linear(fn, q_t, k_t, v_t, out_t, p);
+  detail::require(q_t.extent(1) == 1, fn, "q_t", "sequence length 1 (one token per step)", q_t.extent(1));
+  detail::validate_linear_state(fn, state, ls, p);
+  const attention_shape& s = ls.s;
+  const detail::linear_plan<Acc> pl = detail::make_linear_plan<Acc>(ls, p);
+  const index_t F = pl.F, Dv = pl.Dv, H = s.q_heads;
+  const index_t grain = std::max<index_t>(1, 16384 / std::max<index_t>(1, F * Dv));
+  parallel_for(s.batch * H, grain, [&](index_t t0, index_t t1) {
+    detail::linear_scratch<Acc> ws(pl, 1);
+    Acc* qf = ws.aq;  // 1 x (F + 1)
+    Acc* kf = ws.kr;  // F
+    Acc* vb = ws.sv;  // Dv
+    Acc* num = ws.o;  // Dv
+    for (index_t t = t0; t < t1; ++t) {
+      const index_t b = t / H, h = t % H, hk = h / s.group();
+      Acc* S = state.s.data() + t * F * Dv;
+      Acc* z = state.z.data() + t * F;
+      Acc M = pl.favor() ? state.key_max[static_cast<std::size_t>(t)] : Acc(0);
+      const Acc r = detail::key_features(pl, k_t, b, 0, 1, hk, ws, kf, F, M);
+      const Acc factor = r * (p.decay ? static_cast<Acc>(p.decay[h]) : Acc(1));
+      if (Dv > 0) detail::load_row(vb, &v_t(b, 0, hk, 0), v_t.stride(3), Dv);
+      if (pl.favor()) state.key_max[static_cast<std::size_t>(t)] = M;
+      detail::query_features(pl, q_t, b, 0, 1, h, ws, qf, F + 1, ws.stab);
+      const Acc den = detail::recurrent_update(S, z, kf, vb, qf, factor, F, Dv, num);
+      detail::finalize_row(pl, num, den, ws.stab[0] + M, out_t, b, index_t(0), h);
+    }
+  });
+  state.position += 1;
+}
+
+}  // namespace attnkit
