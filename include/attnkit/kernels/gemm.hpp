@@ -57,10 +57,19 @@ template <int MR>
 inline void gemm_row_block(index_t N, index_t K, const float* a, index_t rs_a, index_t cs_a, const float* b,
                            index_t ldb, float* c, index_t ldc, const float* col_scale, bool overwrite) {
   constexpr index_t W = simd::width;
+  // Blocks of 3 vectors, then the remainder; a remainder of one vector after at least one block
+  // (4, 7, ... vectors, e.g. 64 floats with AVX-512) is taken as 2 + 2 instead of 3 + 1, since an
+  // MR x 1 block is bound by the FMA latency.
+  const index_t nv = N / W;
+  const index_t full = (nv >= 4 && nv % gemm_nv == 1) ? nv / gemm_nv - 1 : nv / gemm_nv;
   index_t n = 0;
-  for (; n + gemm_nv * W <= N; n += gemm_nv * W)
+  for (index_t blk = 0; blk < full; ++blk, n += gemm_nv * W)
     gemm_block<MR, gemm_nv>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, col_scale ? col_scale + n : nullptr,
                             overwrite);
+  if ((N - n) / W == 4) {
+    gemm_block<MR, 2>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, col_scale ? col_scale + n : nullptr, overwrite);
+    n += 2 * W;
+  }
   const index_t rest = (N - n) / W;
   const float* cs = col_scale ? col_scale + n : nullptr;
   if (rest == 2) gemm_block<MR, 2>(K, a, rs_a, cs_a, b + n, ldb, c + n, ldc, cs, overwrite);

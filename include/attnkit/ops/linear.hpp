@@ -474,38 +474,6 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
 
 // ---- tile arithmetic --------------------------------------------------------------------------------
 
-// C = C * col_scale + A B with kernels::gemm_acc's conventions (N a multiple of simd::width).
-// gemm_acc covers N with blocks of 3 vectors and a remainder; a remainder of one vector (N = 4, 7, ...
-// vectors, e.g. head dim 64 with AVX-512) runs an MR x 1 block that is latency-bound, so those widths
-// are split into two calls whose blocks are 3, ..., 3, 2 and 2 vectors wide. Each C element still
-// sums k in increasing order, so the result is the same.
-template <class Acc>
-inline void gemm(index_t M, index_t N, index_t K, const Acc* a, index_t rs_a, index_t cs_a, const Acc* b,
-                 index_t ldb, Acc* c, index_t ldc, const Acc* col_scale = nullptr) {
-  if constexpr (std::is_same_v<Acc, float>) {
-    constexpr index_t W = simd::width;
-    const index_t nv = N / W;
-    if (nv >= 4 && nv % 3 == 1) {
-      const index_t n1 = (nv - 2) * W;  // 3, ..., 3, 2 vectors
-      kernels::gemm_acc(M, n1, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
-      kernels::gemm_acc(M, N - n1, K, a, rs_a, cs_a, b + n1, ldb, c + n1, ldc, col_scale ? col_scale + n1 : nullptr);
-      return;
-    }
-    kernels::gemm_acc(M, N, K, a, rs_a, cs_a, b, ldb, c, ldc, col_scale);
-  } else {
-    for (index_t m = 0; m < M; ++m) {
-      Acc* cm = c + m * ldc;
-      if (col_scale)
-        for (index_t n = 0; n < N; ++n) cm[n] *= col_scale[n];
-      for (index_t k = 0; k < K; ++k) {
-        const Acc am = a[m * rs_a + k * cs_a];
-        const Acc* bk = b + k * ldb;
-        for (index_t n = 0; n < N; ++n) cm[n] += am * bk[n];
-      }
-    }
-  }
-}
-
 // Lower-triangular block product: o[i][:] += sum_{j <= i} p[i][j] * v[j][:] for i, j < R. Entries of p
 // above the diagonal and rows of v beyond a row's diagonal are never read. Register-blocked like
 // gemm_acc: R rows x NV vectors of accumulators; the column index J is a template parameter so every
@@ -655,7 +623,7 @@ void favor_logits(const linear_plan<Acc>& pl, const tensor_view<T, 4>& x, index_
   }
   Acc* U = ws.u;
   std::fill(U, U + L * pl.Fp, Acc(0));
-  gemm(L, pl.Fp, pl.D, X, pl.D, index_t(1), pl.wt.data(), pl.Fp, U, pl.Fp);
+  kernels::gemm_acc(L, pl.Fp, pl.D, X, pl.D, index_t(1), pl.wt.data(), pl.Fp, U, pl.Fp);
 }
 
 // phi of query rows [t0, t0 + L) into dst (ld ldd); stab[j] = the row's stabilizer M_q (0 unless favor).
@@ -793,7 +761,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
     Acc* P = AQ + r0 * lda + F;
     for (index_t i = 0; i < R; ++i) std::fill(P + i * lda, P + i * lda + nc, Acc(0));
-    gemm(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, P, lda);
+    kernels::gemm_acc(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, P, lda);
   }
 
   // Mask and decay P (j <= i only), the normalizers, and the inter-chunk decay of phi(q_i).
@@ -823,7 +791,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
       prefetch_rows(v, b, pf + r0, n, hk);
       prefetch_rows<1>(out, b, pf + r0, n, h);
     }
-    gemm(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
+    kernels::gemm_acc(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
     tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
   }
 
@@ -836,7 +804,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     cs = ws.colscale;
     vscale(z, pw[L], F);
   }
-  gemm(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
+  kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
   for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
 
   for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, out, b, t0 + i, h);
@@ -922,7 +890,7 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
     }
     if (Dv > 0)
       for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
-    gemm(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp);
+    kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp);
     for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
   }
 
@@ -935,7 +903,7 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
       }
       query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
       std::fill(O, O + L * Dvp, Acc(0));
-      gemm(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
+      kernels::gemm_acc(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
       for (index_t i = 0; i < L; ++i)
         finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, out, b, t0 + i, h);
     }
