@@ -9,3 +9,4 @@
 #include "attnkit/simd/simd.hpp"
 #include "attnkit/ops/reference.hpp"
 #include "attnkit/ops/flash.hpp"
+#include "attnkit/ops/sparse.hpp"
