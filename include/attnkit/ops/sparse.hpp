@@ -394,24 +394,58 @@ void mask_unowned(A* s, index_t ld, const std::uint64_t* owner, index_t nk, std:
     for (std::uint64_t x = ~owner[jj] & full; x; x &= x - 1) s[jj * ld + std::countr_zero(x)] = ninf;
 }
 
+// The partition of the query rows into work blocks: at most `rows` rows each, with boundaries
+// where the position i + offset is a multiple of `rows` when aligned (the first block may be
+// shorter), at multiples of `rows` otherwise. It depends on the shape and pattern only.
+struct query_grid {
+  index_t rows = 1, first = 1, count = 0;
+
+  query_grid(index_t nq, index_t offset, index_t r, bool aligned) : rows(r) {
+    first = aligned ? r - ((offset % r) + r) % r : r;
+    count = nq <= 0 ? 0 : nq <= first ? 1 : 1 + (nq - first + r - 1) / r;
+  }
+  index_t begin(index_t qb) const { return qb == 0 ? 0 : first + (qb - 1) * rows; }
+};
+
+// Rows per work block: flash_tiles::block_q, unless random blocks are drawn per query block of
+// block_size rows and 48 or 32 rows (tiles the micro-kernel runs at full speed) divide block_size:
+// then blocks of that many rows aligned to the query blocks keep every work block inside one query
+// block, so all its rows share the same random keys (with block_size 64 and 48-row blocks, half of
+// the work blocks would straddle two query blocks and compute both draws for all their rows).
+inline query_grid make_grid(const pattern_parts& pp) {
+  if (pp.random_blocks > 0)
+    for (index_t r : {index_t(48), index_t(32)})
+      if (r <= flash_tiles::block_q && pp.block_size % r == 0) return query_grid(pp.nq, pp.offset, r, true);
+  return query_grid(pp.nq, pp.offset, flash_tiles::block_q, false);
+}
+
 template <class A, class TQ, class TK, class TV, class TO, class TL>
 void sparse_run(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
                 const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
                 const attention_shape& s, const tensor_view<const float, 4>& bias, const pattern_parts& pp) {
-  constexpr index_t BQ = flash_tiles::block_q, BK = flash_tiles::block_k;
-  static_assert(BQ <= block_plan::max_rows, "a query block's rows must fit in a 64-bit owner mask");
+  constexpr index_t BK = flash_tiles::block_k, R = block_plan::max_rows;
+  static_assert(flash_tiles::block_q <= R, "a query block's rows must fit in a 64-bit owner mask");
   constexpr bool direct = std::is_same_v<std::remove_const_t<TK>, A> || std::is_same_v<std::remove_const_t<TV>, A>;
   const A scale = effective_scale<A>(p.scale, s.head_dim);
   const A cap = A(p.softcap);
   const bool ranged = p.causal || p.window_left >= 0 || p.window_right >= 0 || p.kv_lengths;
-  const index_t nqb = (s.q_len + BQ - 1) / BQ;
-  parallel_for(s.batch * s.q_heads * nqb, 1, [&](index_t w0, index_t w1) {
+  const query_grid grid = make_grid(pp);
+  const index_t nqb = grid.count, items = s.batch * s.q_heads * nqb;
+  auto decode = [&](index_t w, index_t& b, index_t& h, index_t& q0, index_t& rows) {
+    const index_t qb = w % nqb;
+    h = (w / nqb) % s.q_heads;
+    b = w / (nqb * s.q_heads);
+    q0 = grid.begin(qb);
+    rows = std::min(grid.begin(qb + 1), s.q_len) - q0;
+  };
+  parallel_for(items, 1, [&](index_t w0, index_t w1) {
     kernels::softmax_block<A> blk;
     block_plan& plan = thread_block_plan();
-    index_t lo[BQ], hi[BQ];
+    index_t lo[R], hi[R];
     for (index_t w = w0; w < w1; ++w) {
-      const index_t qb = w % nqb, h = (w / nqb) % s.q_heads, b = w / (nqb * s.q_heads);
-      const index_t hk = h / s.group(), q0 = qb * BQ, rows = std::min(BQ, s.q_len - q0);
+      index_t b, h, q0, rows;
+      decode(w, b, h, q0, rows);
+      const index_t hk = h / s.group();
       const auto ed = kernels::make_editor<A>(p, bias, s, b, h);
       if (ranged)
         for (index_t c = 0; c < rows; ++c) ed.key_range(q0 + c, lo[c], hi[c]);
