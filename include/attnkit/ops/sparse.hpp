@@ -22,6 +22,7 @@
 #include <iterator>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attnkit/core/attention_params.hpp"
@@ -394,29 +395,46 @@ void mask_unowned(A* s, index_t ld, const std::uint64_t* owner, index_t nk, std:
     for (std::uint64_t x = ~owner[jj] & full; x; x &= x - 1) s[jj * ld + std::countr_zero(x)] = ninf;
 }
 
-// The partition of the query rows into work blocks: at most `rows` rows each, with boundaries
-// where the position i + offset is a multiple of `rows` when aligned (the first block may be
-// shorter), at multiples of `rows` otherwise. It depends on the shape and pattern only.
-struct query_grid {
-  index_t rows = 1, first = 1, count = 0;
-
-  query_grid(index_t nq, index_t offset, index_t r, bool aligned) : rows(r) {
-    first = aligned ? r - ((offset % r) + r) % r : r;
-    count = nq <= 0 ? 0 : nq <= first ? 1 : 1 + (nq - first + r - 1) / r;
-  }
-  index_t begin(index_t qb) const { return qb == 0 ? 0 : first + (qb - 1) * rows; }
-};
-
-// Rows per work block: flash_tiles::block_q, unless random blocks are drawn per query block of
-// block_size rows and 48 or 32 rows (tiles the micro-kernel runs at full speed) divide block_size:
-// then blocks of that many rows aligned to the query blocks keep every work block inside one query
-// block, so all its rows share the same random keys (with block_size 64 and 48-row blocks, half of
-// the work blocks would straddle two query blocks and compute both draws for all their rows).
-inline query_grid make_grid(const pattern_parts& pp) {
+// The query rows' work blocks as (first row, rows), in order; they depend on the shape and the
+// pattern only. Blocks of flash_tiles::block_q rows, except:
+//  * with random blocks drawn per query block of block_size rows, when 48 or 32 rows (tiles the
+//    micro-kernel runs at full speed) divide block_size, blocks of that many rows aligned to the
+//    query blocks: every work block lies in one query block and all its rows share the same random
+//    keys (with block_size 64 and 48-row blocks, half of the work blocks would straddle two query
+//    blocks and compute both draws for all their rows);
+//  * a block is split where its rows change between global positions (which see every key) and
+//    others, so that a global row does not make the rows beside it compute every key.
+inline std::vector<std::pair<index_t, index_t>> work_blocks(const pattern_parts& pp) {
+  index_t r = flash_tiles::block_q, first = r;
   if (pp.random_blocks > 0)
-    for (index_t r : {index_t(48), index_t(32)})
-      if (r <= flash_tiles::block_q && pp.block_size % r == 0) return query_grid(pp.nq, pp.offset, r, true);
-  return query_grid(pp.nq, pp.offset, flash_tiles::block_q, false);
+    for (index_t a : {index_t(48), index_t(32)})
+      if (a <= flash_tiles::block_q && pp.block_size % a == 0) {
+        r = a;
+        first = r - ((pp.offset % r) + r) % r;  // the next row whose position is a multiple of r
+        break;
+      }
+  std::vector<std::pair<index_t, index_t>> blocks;
+  const auto g_end = pp.globals.end();
+  for (index_t q0 = 0, next = std::min(first, pp.nq); q0 < pp.nq; q0 = next, next = std::min(next + r, pp.nq)) {
+    // Global rows of [q0, next) by position, split into runs of equal global-ness.
+    auto g = std::lower_bound(pp.globals.begin(), g_end, q0 + pp.offset);
+    index_t start = q0;
+    while (start < next) {
+      index_t end = next;
+      if (g != g_end && *g - pp.offset < next) {
+        const index_t gi = *g - pp.offset;  // first global row at or after start
+        if (gi > start) {
+          end = gi;
+        } else {  // a run of consecutive global rows from start
+          end = start;
+          while (g != g_end && *g - pp.offset == end && end < next) ++g, ++end;
+        }
+      }
+      blocks.emplace_back(start, end - start);
+      start = end;
+    }
+  }
+  return blocks;
 }
 
 template <class A, class TQ, class TK, class TV, class TO, class TL>
@@ -429,14 +447,14 @@ void sparse_run(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const 
   const A scale = effective_scale<A>(p.scale, s.head_dim);
   const A cap = A(p.softcap);
   const bool ranged = p.causal || p.window_left >= 0 || p.window_right >= 0 || p.kv_lengths;
-  const query_grid grid = make_grid(pp);
-  const index_t nqb = grid.count, items = s.batch * s.q_heads * nqb;
+  const auto blocks = work_blocks(pp);
+  const index_t nqb = index_t(blocks.size()), items = s.batch * s.q_heads * nqb;
   auto decode = [&](index_t w, index_t& b, index_t& h, index_t& q0, index_t& rows) {
-    const index_t qb = w % nqb;
+    const auto& wb = blocks[std::size_t(w % nqb)];
     h = (w / nqb) % s.q_heads;
     b = w / (nqb * s.q_heads);
-    q0 = grid.begin(qb);
-    rows = std::min(grid.begin(qb + 1), s.q_len) - q0;
+    q0 = wb.first;
+    rows = wb.second;
   };
   parallel_for(items, 1, [&](index_t w0, index_t w1) {
     kernels::softmax_block<A> blk;
