@@ -3,8 +3,10 @@
 // run: vs_dense = sparse GFLOP/s / dense GFLOP/s (throughput per computed score). For each N the
 // dense row runs right before the sparse rows of that N; at N = 65536, where dense would take
 // minutes, vs_dense uses the dense figure of the largest N measured before it (dense_N says which).
+// GFLOPs_cpu / vs_dense_cpu: the same from process CPU time (see run_measured), for shared machines.
 #include "common.hpp"
 
+#include <ctime>
 #include <map>
 #include <string>
 #include <utility>
@@ -29,9 +31,33 @@ struct problem {
   tensor_view<float, 4> out_view() { return bshd(out.data(), B, N, H, D); }
 };
 
-// Dense flash GFLOP/s by (threads, N), filled by flash_dense rows (best of the repetitions).
-std::map<std::pair<int, index_t>, double>& dense_gflops() {
-  static std::map<std::pair<int, index_t>, double> m;
+double process_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+// bench::run_timed (wall clock: GFLOPs) plus GFLOPs_cpu, the same FLOPs over the process CPU time
+// per call divided by the thread count: on a shared machine whose cores are time-sliced with other
+// jobs it estimates the throughput of uncontended cores (idle OpenMP spinning counts as busy, so
+// it errs low).
+template <class F>
+void run_measured(benchmark::State& state, int threads, double flops, F&& body) {
+  double cpu = 0;
+  int calls = 0;
+  bench::run_timed(state, threads, flops, 0, [&] {
+    const double t0 = process_cpu_seconds();
+    body();
+    cpu += process_cpu_seconds() - t0;
+    ++calls;
+  });
+  state.counters["GFLOPs_cpu"] = flops / (cpu / calls / threads) / 1e9;
+}
+
+// Dense flash GFLOP/s (wall, cpu) by (threads, N), filled by flash_dense rows (best of the
+// repetitions).
+std::map<std::pair<int, index_t>, std::pair<double, double>>& dense_gflops() {
+  static std::map<std::pair<int, index_t>, std::pair<double, double>> m;
   return m;
 }
 
@@ -39,11 +65,12 @@ void flash_dense(benchmark::State& state) {
   const index_t N = state.range(0);
   const int threads = int(state.range(1));
   problem p(N);
-  bench::run_timed(state, threads, bench::attention_flops(B, H, N, N, D, false), 0, [&] {
+  run_measured(state, threads, bench::attention_flops(B, H, N, N, D, false), [&] {
     flash_attention(p.view(p.q), p.view(p.k), p.view(p.v), p.out_view());
   });
-  double& best = dense_gflops()[{threads, N}];
-  best = std::max(best, state.counters["GFLOPs"].value);
+  auto& best = dense_gflops()[{threads, N}];
+  best.first = std::max(best.first, state.counters["GFLOPs"].value);
+  best.second = std::max(best.second, state.counters["GFLOPs_cpu"].value);
 }
 
 void set_vs_dense(benchmark::State& state, int threads, index_t N) {
@@ -52,13 +79,14 @@ void set_vs_dense(benchmark::State& state, int threads, index_t N) {
   if (it == m.begin()) return;
   --it;
   if (it->first.first != threads) return;
-  state.counters["vs_dense"] = state.counters["GFLOPs"].value / it->second;
+  state.counters["vs_dense"] = state.counters["GFLOPs"].value / it->second.first;
+  state.counters["vs_dense_cpu"] = state.counters["GFLOPs_cpu"].value / it->second.second;
   state.counters["dense_N"] = double(it->first.second);
 }
 
 void run_pattern(benchmark::State& state, const sparse_pattern& pat, index_t N, int threads, double pairs) {
   problem p(N);
-  bench::run_timed(state, threads, 4.0 * pairs * double(D), 0, [&] {
+  run_measured(state, threads, 4.0 * pairs * double(D), [&] {
     sparse_attention(p.view(p.q), p.view(p.k), p.view(p.v), p.out_view(), pat);
   });
   state.counters["pairs_per_row"] = pairs / double(B * H * N);
