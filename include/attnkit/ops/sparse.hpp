@@ -6,7 +6,8 @@
 // and an optional explicit CSR pattern. attention_params then restrict and modify it exactly as in
 // flash_attention (causal, window, kv_lengths, bias, ALiBi, softcap).
 //
-// Plan: work items are (batch, head, block of flash_tiles::block_q query rows). For each item a
+// Plan: work items are (batch, head, block of up to flash_tiles::block_q query rows; see
+// work_blocks for the exceptions: BigBird-aligned blocks, splits at global rows). For each item a
 // block_plan lists the union of the keys its rows may see (sorted) together with, per key, the
 // bitmask of the block's rows that own it. The keys are streamed in tiles of flash_tiles::block_k
 // through kernels::softmax_block, as flash does: contiguous runs of keys (windows, global and
