@@ -6,6 +6,7 @@
 // GFLOPs_cpu / vs_dense_cpu: the same from process CPU time (see run_measured), for shared machines.
 #include "common.hpp"
 
+#include <chrono>
 #include <ctime>
 #include <map>
 #include <string>
@@ -122,6 +123,33 @@ void sparse_bigbird(benchmark::State& state) {
   run_pattern(state, pat, N, threads, pairs);
 }
 
+// time(N = 65536) / time(N = 8192) for a fixed window of W keys, the two sizes timed alternately
+// in every iteration so that machine drift affects both alike (target: <= 9, linear in N).
+void sparse_window_scaling(benchmark::State& state) {
+  const index_t W = state.range(0);
+  const int threads = int(state.range(1));
+  bench::set_threads(threads);
+  problem small(8192), large(65536);
+  sparse_pattern pat;
+  pat.window_left = W - 1;
+  auto run = [&](problem& p) { sparse_attention(p.view(p.q), p.view(p.k), p.view(p.v), p.out_view(), pat); };
+  run(small);  // warm-up
+  run(large);
+  double t_small = 0, t_large = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run(small);
+    const auto t1 = std::chrono::steady_clock::now();
+    run(large);
+    const auto t2 = std::chrono::steady_clock::now();
+    t_small += std::chrono::duration<double>(t1 - t0).count();
+    t_large += std::chrono::duration<double>(t2 - t1).count();
+    state.SetIterationTime(std::chrono::duration<double>(t2 - t0).count());
+  }
+  state.counters["t64k_over_t8k"] = t_large / t_small;
+  state.counters["threads"] = threads;
+}
+
 // Registered per N so that each dense row runs right before the sparse rows it is compared with.
 [[maybe_unused]] const bool registered = [] {
   for (index_t N : {4096, 8192, 16384, 65536})
@@ -136,6 +164,10 @@ void sparse_bigbird(benchmark::State& state) {
         benchmark::RegisterBenchmark("sparse_bigbird", sparse_bigbird)
             ->ArgNames({"N", "threads"})->Args({N, threads})->UseManualTime()->Unit(benchmark::kMillisecond);
     }
+  for (int threads : {1, 2})
+    for (index_t W : {256, 512})
+      benchmark::RegisterBenchmark("sparse_window_scaling", sparse_window_scaling)
+          ->ArgNames({"W", "threads"})->Args({W, threads})->UseManualTime()->Unit(benchmark::kMillisecond);
   return true;
 }();
 
