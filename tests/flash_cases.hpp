@@ -76,3 +76,49 @@ inline std::vector<float> random_bias(std::size_t n, std::uint64_t seed, bool wi
 }
 
 }  // namespace attnkit::test
+
+namespace attnkit::test {
+
+// Like run_against_reference, for operators that restrict the allowed keys (sparse, block-sparse):
+// the reference runs with c.p plus an additive bias that is -inf where allowed(b, h, i, j) is false
+// (added to c's own bias, if any, expanded to full (batch, head, q, k) extents).
+template <class T, class O = float, class Op, class Allowed>
+attn_result run_against_reference_masked(attn_case c, Op&& op, Allowed&& allowed) {
+  tensor4<T> q(c.B, c.Nq, c.Hq, c.D, c.lay), k(c.B, c.Nk, c.Hkv, c.D, c.lay), v(c.B, c.Nk, c.Hkv, c.dv(), c.lay);
+  tensor4<O> out(c.B, c.Nq, c.Hq, c.dv(), c.lay);
+  fill_uniform(q, c.seed * 3 + 1, c.q_amp);
+  fill_uniform(k, c.seed * 3 + 2, c.k_amp);
+  fill_uniform(v, c.seed * 3 + 3, c.v_amp);
+  if (!c.bias_data.empty()) {
+    const auto& e = c.bias_extents;
+    c.p.bias = tensor_view<const float, 4>(c.bias_data.data(), e, {e[1] * e[2] * e[3], e[2] * e[3], e[3], 1});
+  }
+  if (!c.slopes.empty()) c.p.alibi_slopes = c.slopes.data();
+  if (!c.lengths.empty()) c.p.kv_lengths = c.lengths.data();
+  tensor3<O> lse(c.B, c.Hq, c.Nq);
+  op(q.view, k.view, v.view, out.view, c.p, lse.view);
+
+  std::vector<float> full(static_cast<std::size_t>(std::max<index_t>(c.B * c.Hq * c.Nq * c.Nk, 1)));
+  const auto user = detail::broadcast_to(c.p.bias, {c.B, c.Hq, c.Nq, c.Nk});
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (index_t b = 0; b < c.B; ++b)
+    for (index_t h = 0; h < c.Hq; ++h)
+      for (index_t i = 0; i < c.Nq; ++i)
+        for (index_t j = 0; j < c.Nk; ++j) {
+          const float u = user.data() ? user(b, h, i, j) : 0.f;
+          full[std::size_t(((b * c.Hq + h) * c.Nq + i) * c.Nk + j)] = allowed(b, h, i, j) ? u : ninf;
+        }
+  attention_params rp = c.p;
+  rp.bias = tensor_view<const float, 4>(full.data(), {c.B, c.Hq, c.Nq, c.Nk},
+                                        {c.Hq * c.Nq * c.Nk, c.Nq * c.Nk, c.Nk, 1});
+  const auto qd = to_double(q.view), kd = to_double(k.view), vd = to_double(v.view);
+  tensor4<double> ref(c.B, c.Nq, c.Hq, c.dv());
+  tensor3<double> ref_lse(c.B, c.Hq, c.Nq);
+  reference_attention(qd.view, kd.view, vd.view, ref.view, rp, ref_lse.view);
+  attn_result r;
+  r.out = compare(out.view, ref.view);
+  r.lse_err = lse_abs_error(lse.view, ref_lse.view);
+  return r;
+}
+
+}  // namespace attnkit::test

@@ -44,4 +44,10 @@ inline To convert(From x) {
   else return static_cast<To>(x);
 }
 
+namespace detail {
+// Integer division rounding towards -infinity / +infinity (b > 0).
+inline constexpr index_t floor_div(index_t a, index_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline constexpr index_t ceil_div(index_t a, index_t b) { return a >= 0 ? (a + b - 1) / b : -(-a / b); }
+}  // namespace detail
+
 }  // namespace attnkit

@@ -42,11 +42,6 @@ struct block_range {
 
 namespace detail {
 
-// floor(a / b) for b > 0 and any sign of a.
-inline index_t floor_div(index_t a, index_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-
-inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
-
 // Appends key block kb (given in increasing order) to a run list, extending the last run when kb
 // follows it.
 inline void append_block(std::vector<block_range>& runs, index_t kb) {
