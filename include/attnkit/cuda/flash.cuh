@@ -43,8 +43,8 @@ void allow_shared_memory(std::string_view fn, Kernel* kernel, std::size_t bytes,
                            attnkit::detail::concat(bytes, " bytes of shared memory per block"),
                            attnkit::detail::concat(dev.smem_optin, " bytes"));
   if (bytes > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)), fn,
-          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+          fn, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
 }
 
 // The Launcher of flash_plan.cuh for real GPUs: <<<...>>> on the caller's stream, launch errors
@@ -91,7 +91,8 @@ void require_device_view(std::string_view fn, std::string_view arg, const T& vie
 // head dims (and value dims) up to 256. See the header comment for memory, streams and errors.
 template <class TQ, class TK, class TV, class TO, class TL = TO>
 void flash_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v, tensor_view<TO, 4> out,
-                     const attention_params& params = {}, tensor_view<TL, 3> lse = {}, cudaStream_t stream = nullptr) {
+                     const attention_params& params = {}, tensor_view<TL, 3> lse = {},
+                     cudaStream_t stream = nullptr) {
   constexpr std::string_view fn = "cuda::flash_attention";
   const detail::flash_args a = detail::prepare_flash(fn, q, k, v, out, params, lse);
   if (a.rows == 0) return;  // no output row
@@ -137,9 +138,9 @@ void merge_attention_states(tensor_view<TA, 4> o_a, tensor_view<TLA, 3> lse_a, t
   detail::require_device_view(fn, "lse", lse, dev);
 
   detail::stream_launcher launch{fn, dev, stream};
-  detail::run_merge_pair<detail::merge_acc_t<TI, TLI, TO, TL>, TI, TLI, TO, TL>(fn, tensor_view<const TI, 4>(o_a), tensor_view<const TLI, 3>(lse_a),
-                                            tensor_view<const TI, 4>(o_b), tensor_view<const TLI, 3>(lse_b), o, lse,
-                                            launch);
+  detail::run_merge_pair<detail::merge_acc_t<TI, TLI, TO, TL>, TI, TLI, TO, TL>(
+      fn, tensor_view<const TI, 4>(o_a), tensor_view<const TLI, 3>(lse_a), tensor_view<const TI, 4>(o_b),
+      tensor_view<const TLI, 3>(lse_b), o, lse, launch);
 }
 
 }  // namespace attnkit::cuda

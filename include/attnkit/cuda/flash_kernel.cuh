@@ -52,7 +52,8 @@ constexpr tile_shape choose_tiles(std::size_t elem_bytes, int stride, int head_d
     for (std::size_t limit : limits)
       for (int bn : bn_options)
         if (bn * head_dim <= 64 * 128 &&
-            static_cast<std::size_t>(16 * w + 2 * bn) * static_cast<std::size_t>(stride) * elem_bytes <= limit)
+            static_cast<std::size_t>(16 * w + 2 * bn) * static_cast<std::size_t>(stride) * elem_bytes <=
+                limit)
           return {w, bn};
   return {0, 0};
 }
@@ -106,7 +107,7 @@ struct flash_args {
   index_t rows = 0;        // q_len * group packed rows per (batch, kv head)
   index_t row_blocks = 0;  // ceil(rows / block_m)
   index_t split_keys = 0;  // keys per split, a multiple of block_n (>= kv_len when not splitting)
-  double scale = 1.0;  // double so that the double path sees the same scale as the reference
+  double scale = 1.0;      // double so that the double path sees the same scale as the reference
   float softcap = 0.f;
   bool causal = false;
   index_t window_left = -1, window_right = -1;
@@ -134,8 +135,8 @@ __device__ __forceinline__ A nan_ignoring_max(A x, A y) {
 // chunk is either entirely data (copied with cp.async) or entirely padding. Otherwise elements are
 // gathered one by one through the dim stride.
 template <class Cfg, int ROWS, class RowPtr>
-__device__ __forceinline__ void load_tile(typename Cfg::elem* smem, RowPtr row_ptr, index_t dlen, index_t dstride,
-                                          bool vec) {
+__device__ __forceinline__ void load_tile(typename Cfg::elem* smem, RowPtr row_ptr, index_t dlen,
+                                          index_t dstride, bool vec) {
   using E = typename Cfg::elem;
   constexpr int P = Cfg::head_dim, STR = Cfg::stride, VEC = Cfg::vec, CHUNKS = P / VEC;
   if (vec) {
@@ -143,8 +144,10 @@ __device__ __forceinline__ void load_tile(typename Cfg::elem* smem, RowPtr row_p
       const int r = c / CHUNKS, col = (c % CHUNKS) * VEC;
       E* dst = smem + r * STR + col;
       const E* src = row_ptr(r);
-      if (src != nullptr && col < dlen) cp_async_16(dst, src + col);
-      else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      if (src != nullptr && col < dlen)
+        cp_async_16(dst, src + col);
+      else
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
     }
   } else {
     for (int e = threadIdx.x; e < ROWS * P; e += Cfg::threads) {
@@ -157,8 +160,9 @@ __device__ __forceinline__ void load_tile(typename Cfg::elem* smem, RowPtr row_p
 
 // S (this warp's 16 rows x block_n keys) = Q K^T, in mma accumulator layout.
 template <class Cfg>
-__device__ __forceinline__ void tile_scores(typename Cfg::acc (&s)[Cfg::block_n / 8][4], const typename Cfg::elem* q_s,
-                                            const typename Cfg::elem* k_s, int warp, int lane) {
+__device__ __forceinline__ void tile_scores(typename Cfg::acc (&s)[Cfg::block_n / 8][4],
+                                            const typename Cfg::elem* q_s, const typename Cfg::elem* k_s,
+                                            int warp, int lane) {
   using E = typename Cfg::elem;
   using A = typename Cfg::acc;
   constexpr int P = Cfg::head_dim, STR = Cfg::stride, NT = Cfg::block_n / 8;
@@ -239,9 +243,9 @@ __device__ __forceinline__ void tile_accumulate(typename Cfg::acc (&o)[Cfg::head
     const E* v_row = v_s + (lane & 15) * STR + (lane >> 4) * 8;
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      const std::uint32_t a[4] = {pack2<bf>(p[2 * kk][0], p[2 * kk][1]), pack2<bf>(p[2 * kk][2], p[2 * kk][3]),
-                                  pack2<bf>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                                  pack2<bf>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+      const std::uint32_t a[4] = {
+          pack2<bf>(p[2 * kk][0], p[2 * kk][1]), pack2<bf>(p[2 * kk][2], p[2 * kk][3]),
+          pack2<bf>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<bf>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
       for (int c = 0; c < DT; c += 2) {
         std::uint32_t b[4];
@@ -415,7 +419,8 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
       for (int e = 0; e < 2; ++e) {
         A mx = -inf;
 #pragma unroll
-        for (int n = 0; n < NT; ++n) mx = nan_ignoring_max(mx, nan_ignoring_max(s[n][2 * e], s[n][2 * e + 1]));
+        for (int n = 0; n < NT; ++n)
+          mx = nan_ignoring_max(mx, nan_ignoring_max(s[n][2 * e], s[n][2 * e + 1]));
         mx = nan_ignoring_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = nan_ignoring_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const A alpha = state[e].rescale(mx);
@@ -466,9 +471,10 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
         const index_t d = 8 * c + 2 * t + x;
         if (d < a.value_dim) out[d * a.os[3]] = static_cast<TO>(empty ? A(0) : o[c][2 * e + x] * scale);
       }
-    if (a.lse != nullptr && t == 0)
-      static_cast<TL*>(a.lse)[split * a.lse_split_stride + b * a.ls[0] + row_h[e] * a.ls[1] + row_i[e] * a.ls[2]] =
-          static_cast<TL>(state[e].lse());
+    if (a.lse != nullptr && t == 0) {
+      TL* const lse = static_cast<TL*>(a.lse) + split * a.lse_split_stride;
+      lse[b * a.ls[0] + row_h[e] * a.ls[1] + row_i[e] * a.ls[2]] = static_cast<TL>(state[e].lse());
+    }
   }
 }
 
@@ -477,7 +483,7 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
 inline constexpr int merge_warps = 4;   // rows per merge block, one warp per row
 inline constexpr int max_splits = 128;  // upper bound of the split-KV plan (see flash_plan.cuh)
 template <class A>
-inline constexpr std::size_t merge_splits_smem = sizeof(A) * merge_warps * max_splits;
+inline constexpr std::size_t merge_splits_smem = std::size_t(merge_warps) * max_splits * sizeof(A);
 
 // Combines the `splits` partial results of every row (workspace layout [split][b][h][i][d] for o and
 // [split][b][h][i] for lse) into out/lse. The partial log-sum-exps are treated like logits and the
@@ -539,8 +545,8 @@ template <class A, class TI, class TLI, class TO, class TL>
 __global__ void __launch_bounds__(32 * merge_warps)
     merge_pair_kernel(rows_view<const TI> oa, const TLI* lse_a, index_t la0, index_t la1, index_t la2,
                       rows_view<const TI> ob, const TLI* lse_b, index_t lb0, index_t lb1, index_t lb2,
-                      rows_view<TO> o, TL* lse, index_t l0, index_t l1, index_t l2, index_t batch, index_t heads,
-                      index_t q_len, index_t dim) {
+                      rows_view<TO> o, TL* lse, index_t l0, index_t l1, index_t l2, index_t batch,
+                      index_t heads, index_t q_len, index_t dim) {
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const index_t row = static_cast<index_t>(blockIdx.x) * merge_warps + warp;
   if (row >= batch * heads * q_len) return;

@@ -45,8 +45,8 @@ void copy_strides(index_t (&dst)[R], const tensor_view<T, R>& v) {
 // row_blocks and split_keys are filled in by plan().
 template <class TQ, class TK, class TV, class TO, class TL>
 flash_args make_flash_args(const attention_shape& s, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
-                           const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const attention_params& p,
-                           const tensor_view<TL, 3>& lse) {
+                           const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out,
+                           const attention_params& p, const tensor_view<TL, 3>& lse) {
   using storage = typename element_traits<std::remove_const_t<TQ>>::storage;
   const index_t vec = 16 / static_cast<index_t>(sizeof(storage));
   flash_args a;
@@ -89,7 +89,8 @@ flash_args make_flash_args(const attention_shape& s, const tensor_view<TQ, 4>& q
 template <class TQ, class TK, class TV, class TO, class TL>
 constexpr void check_flash_types() {
   using T = std::remove_const_t<TQ>;
-  static_assert(is_input_element_v<T>, "q, k, v elements must be float, double, attnkit::bf16 or attnkit::f16");
+  static_assert(is_input_element_v<T>,
+                "q, k, v elements must be float, double, attnkit::bf16 or attnkit::f16");
   static_assert(std::is_same_v<T, std::remove_const_t<TK>> && std::is_same_v<T, std::remove_const_t<TV>>,
                 "attnkit::cuda::flash_attention needs one element type for q, k and v");
   static_assert(is_output_element_v<TO> && is_output_element_v<TL>,
@@ -101,8 +102,8 @@ constexpr void check_flash_types() {
 // limit, and returns the kernel arguments. rows == 0 means there is no output row to compute.
 template <class TQ, class TK, class TV, class TO, class TL>
 flash_args prepare_flash(std::string_view fn, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
-                         const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const attention_params& p,
-                         const tensor_view<TL, 3>& lse) {
+                         const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out,
+                         const attention_params& p, const tensor_view<TL, 3>& lse) {
   check_flash_types<TQ, TK, TV, TO, TL>();
   attention_params host_params = p;
   host_params.alibi_slopes = nullptr;
@@ -166,7 +167,8 @@ flash_plan plan(flash_args& a, bool can_split) {
 
 // The arguments of the split pass: same problem, outputs redirected to the workspace `ws` (of the
 // accumulator type) laid out as flash_plan describes.
-inline flash_args split_pass_args(const flash_args& a, const flash_plan& pl, void* ws, std::size_t acc_bytes) {
+inline flash_args split_pass_args(const flash_args& a, const flash_plan& pl, void* ws,
+                                  std::size_t acc_bytes) {
   flash_args part = a;
   part.out = ws;
   part.os[0] = a.q_heads * a.q_len * a.value_dim;  // batch
@@ -192,20 +194,22 @@ void run_flash(std::string_view fn, flash_args a, Launcher& launch, bool can_spl
                            "at most 2^31 - 1 thread blocks (batch x kv heads x row blocks)", pl.base_blocks);
   const dim3 grid(static_cast<unsigned>(pl.base_blocks), static_cast<unsigned>(pl.splits));
   if (pl.splits == 1) {
-    launch.kernel("flash_forward_kernel", &flash_forward_kernel<Cfg, TO, TL>, grid, Cfg::threads, Cfg::smem_bytes, a);
+    launch.kernel("flash_forward_kernel", &flash_forward_kernel<Cfg, TO, TL>, grid, Cfg::threads,
+                  Cfg::smem_bytes, a);
     return;
   }
   const index_t rows_total = a.batch * a.q_heads * a.q_len;
   const index_t merge_blocks = ceil_div(rows_total, merge_warps);
   attnkit::detail::require(merge_blocks <= INT_MAX, fn, "q", "at most 2^31 - 1 merge blocks", merge_blocks);
   auto ws = launch.workspace(static_cast<std::size_t>(pl.ws_out_elems + pl.ws_lse_elems) * sizeof(A));
-  launch.kernel("flash_forward_kernel (split-KV pass)", &flash_forward_kernel<Cfg, A, A>, grid, Cfg::threads, Cfg::smem_bytes,
-                split_pass_args(a, pl, ws.ptr, sizeof(A)));
+  launch.kernel("flash_forward_kernel (split-KV pass)", &flash_forward_kernel<Cfg, A, A>, grid, Cfg::threads,
+                Cfg::smem_bytes, split_pass_args(a, pl, ws.ptr, sizeof(A)));
   const A* ws_o = static_cast<const A*>(ws.ptr);
-  launch.kernel("merge_splits_kernel", &merge_splits_kernel<A, TO, TL>, dim3(static_cast<unsigned>(merge_blocks)), 32 * merge_warps,
-                merge_splits_smem<A>, ws_o, ws_o + pl.ws_out_elems, pl.splits, a.batch, a.q_heads, a.q_len,
-                a.value_dim, static_cast<TO*>(a.out), a.os[0], a.os[1], a.os[2], a.os[3], static_cast<TL*>(a.lse),
-                a.ls[0], a.ls[1], a.ls[2]);
+  launch.kernel("merge_splits_kernel", &merge_splits_kernel<A, TO, TL>,
+                dim3(static_cast<unsigned>(merge_blocks)), 32 * merge_warps, merge_splits_smem<A>, ws_o,
+                ws_o + pl.ws_out_elems, pl.splits, a.batch, a.q_heads, a.q_len, a.value_dim,
+                static_cast<TO*>(a.out), a.os[0], a.os[1], a.os[2], a.os[3], static_cast<TL*>(a.lse), a.ls[0],
+                a.ls[1], a.ls[2]);
 }
 
 // Accumulation type of merge_attention_states: double if anything involved is double.
@@ -218,13 +222,14 @@ using merge_acc_t = std::conditional_t<std::is_same_v<TI, double> || std::is_sam
 // lse_b and the optional lse (batch, head, seq) to match.
 template <class TA, class TLA, class TB, class TLB, class TO, class TL>
 void validate_merge(std::string_view fn, const tensor_view<TA, 4>& o_a, const tensor_view<TLA, 3>& lse_a,
-                    const tensor_view<TB, 4>& o_b, const tensor_view<TLB, 3>& lse_b, const tensor_view<TO, 4>& o,
-                    const tensor_view<TL, 3>& lse) {
+                    const tensor_view<TB, 4>& o_b, const tensor_view<TLB, 3>& lse_b,
+                    const tensor_view<TO, 4>& o, const tensor_view<TL, 3>& lse) {
   static_assert(std::is_same_v<std::remove_const_t<TA>, std::remove_const_t<TB>> &&
                     std::is_same_v<std::remove_const_t<TLA>, std::remove_const_t<TLB>>,
                 "o_a/o_b and lse_a/lse_b must have matching element types");
-  static_assert(is_output_element_v<std::remove_const_t<TA>> && is_output_element_v<std::remove_const_t<TLA>> &&
-                    is_output_element_v<TO> && is_output_element_v<TL>,
+  static_assert(is_output_element_v<std::remove_const_t<TA>> &&
+                    is_output_element_v<std::remove_const_t<TLA>> && is_output_element_v<TO> &&
+                    is_output_element_v<TL>,
                 "merge_attention_states works on float or double results (o and lse non-const)");
   const index_t B = o_a.extent(0), S = o_a.extent(1), H = o_a.extent(2), D = o_a.extent(3);
   const std::array<index_t, 4> o_ext{B, S, H, D};
@@ -239,9 +244,10 @@ void validate_merge(std::string_view fn, const tensor_view<TA, 4>& o_a, const te
 
 // The launch of merge_attention_states for validated views.
 template <class A, class TI, class TLI, class TO, class TL, class Launcher>
-void run_merge_pair(std::string_view fn, const tensor_view<const TI, 4>& o_a, const tensor_view<const TLI, 3>& lse_a,
-                    const tensor_view<const TI, 4>& o_b, const tensor_view<const TLI, 3>& lse_b,
-                    const tensor_view<TO, 4>& o, const tensor_view<TL, 3>& lse, Launcher& launch) {
+void run_merge_pair(std::string_view fn, const tensor_view<const TI, 4>& o_a,
+                    const tensor_view<const TLI, 3>& lse_a, const tensor_view<const TI, 4>& o_b,
+                    const tensor_view<const TLI, 3>& lse_b, const tensor_view<TO, 4>& o,
+                    const tensor_view<TL, 3>& lse, Launcher& launch) {
   const index_t B = o_a.extent(0), S = o_a.extent(1), H = o_a.extent(2), D = o_a.extent(3);
   const index_t rows = B * H * S;
   if (rows == 0) return;
@@ -251,10 +257,11 @@ void run_merge_pair(std::string_view fn, const tensor_view<const TI, 4>& o_a, co
   const rows_view<const TI> vb{o_b.data(), {o_b.stride(0), o_b.stride(1), o_b.stride(2), o_b.stride(3)}};
   const rows_view<TO> vo{o.data(), {o.stride(0), o.stride(1), o.stride(2), o.stride(3)}};
   TL* const lse_out = lse.empty() ? nullptr : lse.data();
-  launch.kernel("merge_pair_kernel", &merge_pair_kernel<A, TI, TLI, TO, TL>, dim3(static_cast<unsigned>(blocks)), 32 * merge_warps,
-                std::size_t(0), va, lse_a.data(), lse_a.stride(0), lse_a.stride(1), lse_a.stride(2), vb, lse_b.data(),
-                lse_b.stride(0), lse_b.stride(1), lse_b.stride(2), vo, lse_out, lse.stride(0), lse.stride(1),
-                lse.stride(2), B, H, S, D);
+  launch.kernel("merge_pair_kernel", &merge_pair_kernel<A, TI, TLI, TO, TL>,
+                dim3(static_cast<unsigned>(blocks)), 32 * merge_warps, std::size_t(0), va, lse_a.data(),
+                lse_a.stride(0), lse_a.stride(1), lse_a.stride(2), vb, lse_b.data(), lse_b.stride(0),
+                lse_b.stride(1), lse_b.stride(2), vo, lse_out, lse.stride(0), lse.stride(1), lse.stride(2), B,
+                H, S, D);
 }
 
 template <class T, class TO, class TL, class Launcher>

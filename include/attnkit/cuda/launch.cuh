@@ -52,7 +52,7 @@ struct device_info {
   int id = 0;
   int cc_major = 0, cc_minor = 0;
   int sm_count = 0;
-  int smem_optin = 0;        // bytes of shared memory one block may opt in to
+  int smem_optin = 0;            // bytes of shared memory one block may opt in to
   bool pageable_access = false;  // the device reads plain host memory (HMM/ATS systems)
   bool memory_pools = false;     // cudaMallocAsync is available
 };
@@ -76,17 +76,20 @@ inline device_info current_device(std::string_view fn) {
 
 // The kernels use mma.sync m16n8k16 with bf16 inputs, ldmatrix and cp.async: sm_80 and newer.
 inline void require_sm80(std::string_view fn, const device_info& d) {
-  attnkit::detail::require(d.cc_major >= 8, fn, "device",
-                           "a GPU of compute capability 8.0 or newer (sm_80+)",
+  attnkit::detail::require(d.cc_major >= 8, fn, "device", "a GPU of compute capability 8.0 or newer (sm_80+)",
                            attnkit::detail::concat("compute capability ", d.cc_major, ".", d.cc_minor));
 }
 
 inline const char* memory_type_name(cudaMemoryType t) {
   switch (t) {
-    case cudaMemoryTypeUnregistered: return "plain host memory";
-    case cudaMemoryTypeHost: return "pinned host memory without a device mapping";
-    case cudaMemoryTypeDevice: return "device memory";
-    case cudaMemoryTypeManaged: return "managed memory";
+    case cudaMemoryTypeUnregistered:
+      return "plain host memory";
+    case cudaMemoryTypeHost:
+      return "pinned host memory without a device mapping";
+    case cudaMemoryTypeDevice:
+      return "device memory";
+    case cudaMemoryTypeManaged:
+      return "managed memory";
   }
   return "unknown memory";
 }

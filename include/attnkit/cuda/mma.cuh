@@ -26,7 +26,8 @@
 #include "attnkit/cuda/core.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "attnkit CUDA kernels need sm_80 or newer (mma.sync m16n8k16 bf16, ldmatrix, cp.async): set CMAKE_CUDA_ARCHITECTURES to 80 or above"
+#error \
+    "attnkit CUDA kernels need sm_80 or newer (mma.sync m16n8k16 bf16, ldmatrix, cp.async): set CMAKE_CUDA_ARCHITECTURES to 80 or above"
 #endif
 
 namespace attnkit::cuda::detail {

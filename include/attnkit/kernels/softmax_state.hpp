@@ -51,8 +51,10 @@ ATTNKIT_HOST_DEVICE inline double hd_log(double x) {
 // the consumer passes nvcc's --expt-relaxed-constexpr.
 template <class A>
 ATTNKIT_HOST_DEVICE constexpr A hd_infinity() {
-  if constexpr (sizeof(A) == sizeof(float)) return __builtin_huge_valf();
-  else return __builtin_huge_val();
+  if constexpr (sizeof(A) == sizeof(float))
+    return __builtin_huge_valf();
+  else
+    return __builtin_huge_val();
 }
 
 }  // namespace detail
