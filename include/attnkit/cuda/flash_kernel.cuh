@@ -23,12 +23,14 @@
 #error "attnkit/cuda headers contain CUDA kernels: compile this translation unit with nvcc (a .cu file)"
 #endif
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
 #include "attnkit/cuda/core.cuh"
 #include "attnkit/cuda/mma.cuh"
+#include "attnkit/kernels/online_softmax.hpp"
 #include "attnkit/kernels/softmax_state.hpp"
 
 namespace attnkit::cuda::detail {
@@ -294,7 +296,7 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
   using A = typename Cfg::acc;
   constexpr int BM = Cfg::block_m, BN = Cfg::block_n, STR = Cfg::stride;
   constexpr int NT = BN / 8, DT = Cfg::head_dim / 8;
-  const A inf = kernels::detail::hd_infinity<A>();
+  const A inf = A(INFINITY);
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   E* const q_s = reinterpret_cast<E*>(smem_raw);
@@ -413,8 +415,8 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
           s[n][x] = z;
         }
 
-      // Online softmax per row: the block max is reduced over the 4 lanes of the quad (which hold
-      // the row's other keys), so all of them rescale identically and keep partial sums of l.
+        // Online softmax per row: the block max is reduced over the 4 lanes of the quad (which hold
+        // the row's other keys), so all of them rescale identically and keep partial sums of l.
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         A mx = -inf;
@@ -506,7 +508,7 @@ __global__ void __launch_bounds__(32 * merge_warps)
   const index_t i = row % q_len, h = (row / q_len) % heads, b = row / (q_len * heads);
 
   kernels::softmax_state<A> st;
-  A mx = -kernels::detail::hd_infinity<A>();
+  A mx = -A(INFINITY);
   for (int s = lane; s < splits; s += 32) mx = nan_ignoring_max(mx, ws_lse[s * rows + row]);
 #pragma unroll
   for (int w = 16; w > 0; w /= 2) mx = nan_ignoring_max(mx, __shfl_xor_sync(0xffffffffu, mx, w));
@@ -537,10 +539,11 @@ struct rows_view {
   index_t os[4]{};  // (batch, seq, head, dim)
 };
 
-// o, lse = merge of (o_a, lse_a) and (o_b, lse_b), element by element with kernels::merge_lse /
-// merge_value. One warp per row: every lane reads both lse values before lane 0 writes the merged
-// one, so lse may alias lse_a or lse_b, and each output element is read and written by the same
-// lane, so o may alias o_a or o_b (identical views; partial overlaps are not supported).
+// o, lse = merge of (o_a, lse_a) and (o_b, lse_b) with the weights of kernels::merge_lse (the CPU
+// operator's formula); a side of weight 0 contributes nothing even if its o holds NaN or garbage
+// (an empty partial result may). One warp per row: every lane reads both lse values before lane 0 writes the
+// merged one, so lse may alias lse_a or lse_b, and each output element is read and written by the same lane,
+// so o may alias o_a or o_b (identical views; partial overlaps are not supported).
 template <class A, class TI, class TLI, class TO, class TL>
 __global__ void __launch_bounds__(32 * merge_warps)
     merge_pair_kernel(rows_view<const TI> oa, const TLI* lse_a, index_t la0, index_t la1, index_t la2,
@@ -556,9 +559,11 @@ __global__ void __launch_bounds__(32 * merge_warps)
   const TI* pa = oa.o + b * oa.os[0] + i * oa.os[1] + h * oa.os[2];
   const TI* pb = ob.o + b * ob.os[0] + i * ob.os[1] + h * ob.os[2];
   TO* po = o.o + b * o.os[0] + i * o.os[1] + h * o.os[2];
-  for (index_t d = lane; d < dim; d += 32)
-    po[d * o.os[3]] = static_cast<TO>(
-        kernels::merge_value(w, static_cast<A>(pa[d * oa.os[3]]), static_cast<A>(pb[d * ob.os[3]])));
+  for (index_t d = lane; d < dim; d += 32) {
+    const A x = w.w_a == A(0) ? A(0) : w.w_a * static_cast<A>(pa[d * oa.os[3]]);
+    const A y = w.w_b == A(0) ? A(0) : w.w_b * static_cast<A>(pb[d * ob.os[3]]);
+    po[d * o.os[3]] = static_cast<TO>(x + y);
+  }
   __syncwarp();
   if (lse != nullptr && lane == 0) lse[b * l0 + h * l1 + i * l2] = static_cast<TL>(w.lse);
 }
