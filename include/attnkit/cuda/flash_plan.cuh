@@ -240,6 +240,17 @@ void validate_merge(std::string_view fn, const tensor_view<TA, 4>& o_a, const te
   attnkit::detail::require_extents(fn, "lse_b", lse_b, l_ext, "(batch, head, seq) matching o_a");
   if (!lse.empty() || lse.data() != nullptr)
     attnkit::detail::require_extents(fn, "lse", lse, l_ext, "(batch, head, seq) matching o_a");
+  // Outputs must not broadcast: a stride 0 on an axis of extent > 1 would send several lanes'
+  // writes to one element.
+  auto writable = [&](std::string_view arg, const auto& view) {
+    if (view.empty()) return;
+    for (std::size_t ax = 0; ax < view.rank; ++ax)
+      if (view.extent(ax) > 1 && view.stride(ax) == 0)
+        attnkit::detail::fail(
+            fn, arg, attnkit::detail::concat("a non-zero stride on axis ", ax, " (an output)"), "stride 0");
+  };
+  writable("o", o);
+  writable("lse", lse);
 }
 
 // The launch of merge_attention_states for validated views.
