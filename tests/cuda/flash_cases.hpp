@@ -201,6 +201,11 @@ inline std::vector<spec> shape_specs(bool small) {
       s.B = 2, s.Nq = nq, s.Nk = nk, s.Hq = 2, s.Hkv = 2, s.D = 64, s.causal = causal;
       r.push_back(s);
     }
+  for (auto [nq, nk] : {std::pair<index_t, index_t>{5, 0}, {0, 10}}) {  // no keys: 0 and -inf; no queries
+    spec s;
+    s.B = 2, s.Nq = nq, s.Nk = nk, s.Hq = 2, s.Hkv = 1, s.D = 64;
+    r.push_back(s);
+  }
   for (layout l : {layout::bhsd, layout::padded, layout::strided}) {
     spec s;
     s.B = 2, s.Nq = 33, s.Nk = 45, s.Hq = 4, s.Hkv = 1, s.D = 64, s.in_layout = l, s.out_layout = l;
