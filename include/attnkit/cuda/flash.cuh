@@ -14,9 +14,10 @@
 //
 // Errors: see launch.cuh. Bad shapes, strides or parameters throw attnkit::error with the same
 // checks and messages as the CPU operators (function name "cuda::flash_attention"), before anything
-// is launched; so do host pointers, head dims above 256 and GPUs older than sm_80. CUDA runtime
-// failures throw attnkit::error carrying cudaGetErrorString; faults during execution surface at the
-// next synchronisation, e.g. attnkit::cuda::synchronize(stream).
+// is launched; so do host pointers, head dims above 256 (or above ATTNKIT_CUDA_MAX_HEAD_DIM, see
+// dispatch.cuh) and GPUs older than sm_80. CUDA runtime failures throw attnkit::error carrying
+// cudaGetErrorString; faults during execution surface at the next synchronisation, e.g.
+// attnkit::cuda::synchronize(stream).
 //
 // Precision: q, k, v are all float, double, bf16 or f16 (one type for the three). bf16/f16 run
 // Q K^T and P V on tensor cores (P rounded to the input type, float accumulation); float and double

@@ -110,8 +110,7 @@ flash_args prepare_flash(std::string_view fn, const tensor_view<TQ, 4>& q, const
   host_params.kv_lengths = nullptr;
   const attention_shape s = attnkit::detail::validate_attention(fn, q, k, v, out, host_params, lse);
   const index_t widest = s.head_dim > s.value_dim ? s.head_dim : s.value_dim;
-  attnkit::detail::require(widest <= max_head_dim, fn, "q/k/v",
-                           "head_dim and value_dim <= 256 (the CUDA kernels' largest tile)", widest);
+  attnkit::detail::require(widest <= max_head_dim, fn, "q/k/v", head_dim_limit(), widest);
   return make_flash_args(s, q, k, v, out, p, lse);
 }
 
