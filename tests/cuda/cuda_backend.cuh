@@ -1,0 +1,107 @@
+// The GPU backend of flash_cases.hpp: copies each host tensor (whole buffer, padding included, same
+// strides) to device memory, calls attnkit::cuda::flash_attention / merge_attention_states on a
+// stream, waits with attnkit::cuda::synchronize and copies the outputs back.
+#pragma once
+
+#include <attnkit/cuda/flash.cuh>  // first: includes the core headers the way nvcc wants them
+
+#include <optional>
+
+#include "flash_cases.hpp"
+
+namespace attnkit::test::cuda_cases {
+
+inline void cuda_require(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) FAIL(what << ": " << cudaGetErrorName(e) << ": " << cudaGetErrorString(e));
+}
+
+template <class T>
+struct device_buffer {
+  T* ptr = nullptr;
+  std::size_t count = 0;
+  explicit device_buffer(std::size_t n) : count(n) {
+    void* p = nullptr;
+    cuda_require(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)), "cudaMalloc");
+    ptr = static_cast<T*>(p);
+  }
+  device_buffer(const device_buffer&) = delete;
+  device_buffer& operator=(const device_buffer&) = delete;
+  ~device_buffer() { (void)cudaFree(ptr); }
+  void upload(const T* host) {
+    if (count) cuda_require(cudaMemcpy(ptr, host, count * sizeof(T), cudaMemcpyHostToDevice), "upload");
+  }
+  void download(T* host) const {
+    if (count) cuda_require(cudaMemcpy(host, ptr, count * sizeof(T), cudaMemcpyDeviceToHost), "download");
+  }
+};
+
+// The device twin of a host view into `host_buf`: same extents, strides and offset into the buffer.
+template <class T, std::size_t R>
+struct device_view {
+  device_buffer<std::remove_const_t<T>> buf;
+  tensor_view<std::remove_const_t<T>, R> view;
+  device_view(const std::vector<std::remove_const_t<T>>& host_buf, const tensor_view<T, R>& host_view)
+      : buf(host_buf.size()) {
+    buf.upload(host_buf.data());
+    if (host_view.data() != nullptr)
+      view = tensor_view<std::remove_const_t<T>, R>(buf.ptr + (host_view.data() - host_buf.data()),
+                                                    host_view.extents(), host_view.strides());
+  }
+  void download(std::vector<std::remove_const_t<T>>& host_buf) const { buf.download(host_buf.data()); }
+};
+
+struct gpu_backend {
+  cudaStream_t stream = nullptr;
+
+  template <class T, class TO>
+  void flash(const problem<T>& p, tensor4<TO>& out, tensor3<TO>* lse) {
+    device_view<T, 4> q(p.q.buf, p.q.view), k(p.k.buf, p.k.view), v(p.v.buf, p.v.view);
+    device_view<TO, 4> o(out.buf, out.view);
+    std::optional<device_view<TO, 3>> l;
+    if (lse) l.emplace(lse->buf, lse->view);
+    attention_params dp = p.params;  // the same parameters with device copies of the arrays
+    std::optional<device_view<const float, 4>> bias;
+    if (p.params.bias.data() != nullptr) {
+      bias.emplace(p.bias_buf, p.params.bias);
+      dp.bias = bias->view;
+    }
+    device_buffer<float> slopes(p.slopes.size());
+    slopes.upload(p.slopes.data());
+    if (p.params.alibi_slopes) dp.alibi_slopes = slopes.ptr;
+    device_buffer<index_t> lengths(p.lengths.size());
+    lengths.upload(p.lengths.data());
+    if (p.params.kv_lengths) dp.kv_lengths = lengths.ptr;
+
+    cuda::flash_attention(tensor_view<const T, 4>(q.view), tensor_view<const T, 4>(k.view),
+                          tensor_view<const T, 4>(v.view), o.view, dp, l ? l->view : tensor_view<TO, 3>{},
+                          stream);
+    cuda::synchronize(stream);
+    o.download(out.buf);
+    if (lse) l->download(lse->buf);
+  }
+
+  template <class TO>
+  void merge(const tensor4<TO>& oa, const tensor3<TO>& la, const tensor4<TO>& ob, const tensor3<TO>& lb,
+             tensor4<TO>& o, tensor3<TO>* l, bool in_place) {
+    device_view<TO, 4> da(oa.buf, oa.view), db(ob.buf, ob.view), dout(o.buf, o.view);
+    device_view<TO, 3> dla(la.buf, la.view), dlb(lb.buf, lb.view);
+    std::optional<device_view<TO, 3>> dl;
+    if (l && !in_place) dl.emplace(l->buf, l->view);
+    // In place: the outputs are the very device buffers of side a.
+    tensor_view<TO, 4> o_view = in_place ? da.view : dout.view;
+    tensor_view<TO, 3> l_view = in_place ? dla.view : (dl ? dl->view : tensor_view<TO, 3>{});
+    cuda::merge_attention_states(tensor_view<const TO, 4>(da.view), tensor_view<const TO, 3>(dla.view),
+                                 tensor_view<const TO, 4>(db.view), tensor_view<const TO, 3>(dlb.view),
+                                 o_view, l_view, stream);
+    cuda::synchronize(stream);
+    if (in_place) {
+      da.download(o.buf);
+      if (l) dla.download(l->buf);
+    } else {
+      dout.download(o.buf);
+      if (l) dl->download(l->buf);
+    }
+  }
+};
+
+}  // namespace attnkit::test::cuda_cases
