@@ -33,32 +33,12 @@ inline block_mask random_mask(const attn_case& c, index_t bq, index_t bk, double
 }
 
 // Runs block_sparse_attention with `mask` and compares with reference_attention whose bias is the
-// case's own bias plus the mask's 0 / -inf bias (run_against_reference builds the reference's
-// params from c.bias_data; the operator gets the case's original bias back).
+// case's own bias plus the mask's 0 / -inf bias.
 template <class T = float, class O = float>
-attn_result run_masked(const attn_case& c0, const block_mask& mask) {
-  attn_case c = c0;
-  const std::array<index_t, 4> ue = c0.bias_extents;
-  const auto user_bias = [&](index_t b, index_t h, index_t i, index_t j) -> float {
-    if (c0.bias_data.empty()) return 0.f;
-    const index_t bb = ue[0] == 1 ? 0 : b, hh = ue[1] == 1 ? 0 : h, ii = ue[2] == 1 ? 0 : i, jj = ue[3] == 1 ? 0 : j;
-    return c0.bias_data[std::size_t(((bb * ue[1] + hh) * ue[2] + ii) * ue[3] + jj)];
-  };
-  c.bias_extents = {c.B, c.Hq, c.Nq, c.Nk};
-  c.bias_data.assign(std::size_t(c.B * c.Hq * c.Nq * c.Nk), 0.f);
-  for (index_t b = 0; b < c.B; ++b)
-    for (index_t h = 0; h < c.Hq; ++h)
-      for (index_t i = 0; i < c.Nq; ++i)
-        for (index_t j = 0; j < c.Nk; ++j)
-          c.bias_data[std::size_t(((b * c.Hq + h) * c.Nq + i) * c.Nk + j)] =
-              mask.is_active(b, h, i / mask.block_q(), j / mask.block_k()) ? user_bias(b, h, i, j) : -std::numeric_limits<float>::infinity();
-  tensor_view<const float, 4> own{};
-  if (!c0.bias_data.empty())
-    own = tensor_view<const float, 4>(c0.bias_data.data(), ue, {ue[1] * ue[2] * ue[3], ue[2] * ue[3], ue[3], 1});
-  return run_against_reference<T, O>(c, [&](auto q, auto k, auto v, auto out, attention_params p, auto lse) {
-    p.bias = own;
-    block_sparse_attention(q, k, v, out, mask, p, lse);
-  });
+attn_result run_masked(const attn_case& c, const block_mask& mask) {
+  return run_against_reference_masked<T, O>(
+      c, [&](auto q, auto k, auto v, auto out, const attention_params& p, auto lse) { block_sparse_attention(q, k, v, out, mask, p, lse); },
+      [&](index_t b, index_t h, index_t i, index_t j) { return mask.is_active(b, h, i / mask.block_q(), j / mask.block_k()); });
 }
 
 // Asserts block_sparse_attention(mask) matches the reference within tol (relative to max |ref|; lse absolute).

@@ -2,7 +2,7 @@
 // parameters, every operator against its reference at the documented tolerance. A failing case
 // prints a one-line reproducer. ATTNKIT_DIFF_CASES (default 1500) and ATTNKIT_DIFF_SEED (default
 // 20261123) change the run; the `differential_long` build target runs 100000 cases.
-#include "flash_cases.hpp"
+#include "block_sparse_cases.hpp"
 
 #include <cstdlib>
 #include <functional>
@@ -109,12 +109,58 @@ const auto split_merge_op = [](auto q, auto k, auto v, auto out, const attention
   merge_attention_states(oa.view, la.view, ob.view, lb.view, out, lse);
 };
 
+// sparse_attention with a random structured pattern; the reference masks with to_csr's pairs.
+test::attn_result run_sparse(dtype t, const attn_case& c, std::uint64_t seed) {
+  draw d(seed ^ 0x5eed);
+  sparse_pattern pat;
+  pat.window_left = d.range(0, 40);
+  pat.window_right = d.range(0, 40);
+  pat.dilation = d.pick<index_t>({1, 1, 2, 3});
+  if (d.chance(0.4))
+    for (index_t g = 0; g < d.range(1, 3); ++g) pat.global_tokens.push_back(d.range(0, std::max<index_t>(c.Nk, 1) - 1));
+  if (c.Nk == 0) pat.global_tokens.clear();
+  if (d.chance(0.4)) {
+    pat.block_size = d.pick<index_t>({8, 16, 64});
+    pat.random_blocks = d.range(1, 3);
+    pat.seed = seed;
+  }
+  std::vector<csr_pattern> per_head;
+  for (index_t h = 0; h < c.Hq; ++h) per_head.push_back(to_csr(pat, c.Nq, c.Nk, h));
+  auto allowed = [&](index_t, index_t h, index_t i, index_t j) {
+    const auto& cs = per_head[std::size_t(h)];
+    return std::binary_search(cs.col_idx.begin() + cs.row_ptr[i], cs.col_idx.begin() + cs.row_ptr[i + 1], j);
+  };
+  auto op = [&](auto q, auto k, auto v, auto out, const attention_params& p, auto lse) { sparse_attention(q, k, v, out, pat, p, lse); };
+  switch (t) {
+    case dtype::f32: return test::run_against_reference_masked<float, float>(c, op, allowed);
+    case dtype::bf16: return test::run_against_reference_masked<bf16, float>(c, op, allowed);
+    case dtype::f16: return test::run_against_reference_masked<f16, float>(c, op, allowed);
+    case dtype::f64: return test::run_against_reference_masked<double, double>(c, op, allowed);
+  }
+  return {};
+}
+
+// block_sparse_attention with a random mask of random block sizes.
+test::attn_result run_block_sparse(dtype t, const attn_case& c, std::uint64_t seed) {
+  draw d(seed ^ 0xb10c);
+  const block_mask mask = test::random_mask(c, d.range(1, 80), d.range(1, 80), double(d.range(1, 10)) / 10.0, seed);
+  switch (t) {
+    case dtype::f32: return test::run_masked<float, float>(c, mask);
+    case dtype::bf16: return test::run_masked<bf16, float>(c, mask);
+    case dtype::f16: return test::run_masked<f16, float>(c, mask);
+    case dtype::f64: return test::run_masked<double, double>(c, mask);
+  }
+  return {};
+}
+
 }  // namespace
 
 TEST_CASE("differential: random problems against the references") {
   const std::uint64_t cases = env_or("ATTNKIT_DIFF_CASES", 1500), seed0 = env_or("ATTNKIT_DIFF_SEED", 20261123);
   const std::vector<softmax_operator> ops{
       {"flash_attention", [](dtype t, const attn_case& c) { return run_typed(t, c, flash_op); }},
+      {"sparse_attention", [](dtype t, const attn_case& c) { return run_sparse(t, c, c.seed); }},
+      {"block_sparse_attention", [](dtype t, const attn_case& c) { return run_block_sparse(t, c, c.seed); }},
       {"merge_attention_states(split)",
        [](dtype t, const attn_case& c) {
          attn_case plain = c;  // masks and additive terms off: see split_merge_op
