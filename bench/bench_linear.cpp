@@ -61,10 +61,10 @@ static void linear_favor_causal(benchmark::State& state) {
   bench::run_timed(state, threads, linear_flops(pr.B, pr.H, pr.N, 256, pr.D), 0, [&] { pr.run(p); });
 }
 
-// One recurrent decode step for a batch of 8 sequences x 4 heads (the state is read and written once:
-// bytes = 2 * B * H * F * Dv * 4).
+// One recurrent decode step for a batch of 32 sequences x 8 heads, state 4 MiB (D = 64) or 16 MiB
+// (D = 128), read and written once per step: bytes = 2 * B * H * F * Dv * 4.
 static void linear_step(benchmark::State& state) {
-  const index_t B = 8, H = 4, D = state.range(0);
+  const index_t B = 32, H = 8, D = state.range(0);
   const int threads = int(state.range(1));
   auto q = bench::random_vector<float>(std::size_t(B * H * D), 1), k = bench::random_vector<float>(q.size(), 2),
        v = bench::random_vector<float>(q.size(), 3);

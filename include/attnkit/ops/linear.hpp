@@ -1128,7 +1128,9 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
   const attention_shape& s = ls.s;
   const detail::linear_plan<Acc> pl = detail::make_linear_plan<Acc>(ls, p);
   const index_t F = pl.F, Dv = pl.Dv, H = s.q_heads;
-  const index_t grain = std::max<index_t>(1, 16384 / std::max<index_t>(1, F * Dv));
+  // A step is about F * Dv multiply-adds per head: hand out heads in chunks of ~256K of them, so a
+  // small batch runs serially instead of paying a parallel region per token.
+  const index_t grain = std::max<index_t>(1, (index_t(1) << 18) / std::max<index_t>(1, F * Dv));
   parallel_for(s.batch * H, grain, [&](index_t t0, index_t t1) {
     detail::linear_scratch<Acc> ws(pl, 1);
     Acc* qf = ws.aq;  // 1 x (F + 1)
