@@ -1,0 +1,515 @@
+// Batched FFTs along the sequence axis, vectorized across channels: one SIMD lane is one channel,
+// so a transform never gathers along a channel. This is the engine behind circular_attention (CAT)
+// and is usable on its own (rfft / irfft below, FFTW's r2c / c2r batch layout).
+//
+// Data layout ("channel-pair buffer"). A buffer holds n complex elements; element k is two SIMD
+// vectors stored back to back, fft_elem = 2 * simd::width floats:
+//     buf[k * fft_elem + 0 .. W)  = real parts of W lanes,  buf[k * fft_elem + W .. 2W) = imaginary parts.
+// Real signals are processed two channel blocks at a time (block A in the real parts, block B in
+// the imaginary parts: z = a + i b). For a convolution with a real filter this is exact with no
+// extra work (conv(w, a + i b) = conv(w, a) + i conv(w, b)); rfft separates the two spectra by
+// Hermitian symmetry.
+//
+// Algorithm. Mixed-radix (2, 3, 4, 5) in-place decimation in frequency (Gentleman-Sande) for the
+// forward transform, whose output is in digit-reversed ("scrambled") order, and the mirror-image
+// decimation in time for the inverse, whose input is scrambled and output natural. A convolution
+// therefore needs no reordering at all: forward, multiply by a filter spectrum computed by the same
+// forward transform (hence in the same scrambled order), inverse. Lengths are 2^a 3^b 5^c
+// (fft_good_size gives the next one); callers that need an exact transform of another length N use a
+// zero-padded length >= 2N - 1 (linear convolution), which is what circular_attention does: it is
+// simpler and, for these radices, faster than Bluestein's chirp-z (which needs three transforms of
+// length >= 2N - 1 instead of two).
+//
+// Cache blocking. Stages run depth first: a stage pass splits a sub-array into `radix` contiguous
+// sub-arrays that are then transformed one after the other, so once a sub-array fits in the
+// block size (fft_block_bytes, L2-resident) all its remaining stages run breadth first inside the
+// cache. fft_convolve goes further: for each in-cache block it runs the remaining forward stages,
+// the pointwise product and the first inverse stages before moving on, so the spectrum never makes
+// a round trip to memory.
+//
+// Twiddles are computed once per plan in double precision and stored in float; plans are cached per
+// length (thread-safe). Arithmetic is float; the result of every transform depends only on the
+// length and the data (no thread-count or timing dependence).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <complex>
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <numbers>
+#include <vector>
+
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/types.hpp"
+#include "attnkit/simd/simd.hpp"
+
+namespace attnkit::kernels {
+
+// Floats per complex element of a channel-pair buffer (two vectors: real and imaginary lanes).
+inline constexpr index_t fft_elem = 2 * simd::width;
+// Sub-arrays up to this many bytes are finished breadth first (they stay in L2).
+inline constexpr index_t fft_block_bytes = 256 * 1024;
+
+// True when n >= 1 is a product of 2, 3 and 5 (the lengths fft_plan supports).
+inline bool fft_is_good_size(index_t n) {
+  if (n < 1) return false;
+  for (index_t p : {2, 3, 5})
+    while (n % p == 0) n /= p;
+  return n == 1;
+}
+
+// The smallest 2^a 3^b 5^c >= n (1 for n <= 1).
+inline index_t fft_good_size(index_t n) {
+  if (n <= 1) return 1;
+  index_t best = 1;
+  while (best < n) best *= 2;  // a power of two always qualifies
+  for (index_t p5 = 1; p5 < best; p5 *= 5)
+    for (index_t p35 = p5; p35 < best; p35 *= 3) {
+      index_t m = p35;
+      while (m < n) m *= 2;
+      best = std::min(best, m);
+    }
+  return best;
+}
+
+// One pass of a mixed-radix transform: sub-arrays of length `len` are split by `radix` into
+// sub-arrays of length q = len / radix. tw holds, for p in [0, q) and k in [1, radix), the twiddle
+// exp(-2 pi i k p / len) as (re, im) at tw[2 * ((radix - 1) * p + k - 1)].
+struct fft_stage {
+  int radix = 0;
+  index_t len = 0, q = 0;
+  std::vector<float> tw;
+};
+
+class fft_plan {
+ public:
+  explicit fft_plan(index_t n) : n_(n) {
+    detail::require(fft_is_good_size(n), "fft_plan", "n", "a length 2^a 3^b 5^c >= 1", n);
+    // Radices from the outermost stage in: 5s and 3s first (few of them), then 4s, a lone 2 last
+    // (its pass has q = 1: no twiddles).
+    std::vector<int> radices;
+    index_t m = n;
+    for (int r : {5, 3}) while (m % r == 0) { radices.push_back(r); m /= r; }
+    while (m % 4 == 0) { radices.push_back(4); m /= 4; }
+    if (m == 2) radices.push_back(2);
+    index_t len = n;
+    for (int r : radices) {
+      fft_stage s;
+      s.radix = r;
+      s.len = len;
+      s.q = len / r;
+      s.tw.resize(static_cast<std::size_t>(2 * (r - 1) * s.q));
+      for (index_t p = 0; p < s.q; ++p)
+        for (int k = 1; k < r; ++k) {
+          const double a = -2.0 * std::numbers::pi * static_cast<double>((k * p) % len) / static_cast<double>(len);
+          const auto at = static_cast<std::size_t>(2 * ((r - 1) * p + k - 1));
+          s.tw[at] = static_cast<float>(std::cos(a));
+          s.tw[at + 1] = static_cast<float>(std::sin(a));
+        }
+      stages_.push_back(std::move(s));
+      len /= r;
+    }
+  }
+  fft_plan(const fft_plan&) = delete;
+  fft_plan& operator=(const fft_plan&) = delete;
+
+  index_t size() const { return n_; }
+  const std::vector<fft_stage>& stages() const { return stages_; }
+
+  // The scrambled position at which the forward transform leaves frequency k (table built on first use).
+  index_t position_of(index_t k) const {
+    std::call_once(pos_once_, [this] {
+      pos_.resize(static_cast<std::size_t>(n_));
+      for (index_t pos = 0; pos < n_; ++pos) {
+        index_t rem = pos, f = 0, mult = 1;
+        for (const auto& s : stages_) {
+          f += (rem / s.q) * mult;
+          rem %= s.q;
+          mult *= s.radix;
+        }
+        pos_[static_cast<std::size_t>(f)] = pos;
+      }
+    });
+    return pos_[static_cast<std::size_t>(k)];
+  }
+
+ private:
+  index_t n_;
+  std::vector<fft_stage> stages_;
+  mutable std::once_flag pos_once_;
+  mutable std::vector<index_t> pos_;
+};
+
+// The plan for length n, built once per length and shared (safe to call from any thread). The cache
+// keeps every length it has seen; fft_clear_plan_cache() drops plans no caller still holds.
+inline std::shared_ptr<const fft_plan> get_fft_plan(index_t n);
+inline void fft_clear_plan_cache();
+
+namespace detail {
+struct fft_plan_cache {
+  std::mutex mu;
+  std::map<index_t, std::shared_ptr<const fft_plan>> plans;
+};
+inline fft_plan_cache& plan_cache() {
+  static fft_plan_cache c;
+  return c;
+}
+}  // namespace detail
+
+inline std::shared_ptr<const fft_plan> get_fft_plan(index_t n) {
+  auto& c = detail::plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto& slot = c.plans[n];
+  if (!slot) slot = std::make_shared<const fft_plan>(n);
+  return slot;
+}
+
+inline void fft_clear_plan_cache() {
+  auto& c = detail::plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.plans.clear();
+}
+
+// ---- per-thread scratch ----------------------------------------------------------------------------
+
+// Grow-only, 64-byte aligned float buffers, one set per thread, reused across calls so that large
+// transforms do not page-fault their scratch in on every call. Slot numbers are a convention between
+// the callers (circular_attention uses 0..2). fft_release_thread_scratch() frees the calling thread's.
+class scratch_buffer {
+ public:
+  scratch_buffer() = default;
+  scratch_buffer(const scratch_buffer&) = delete;
+  scratch_buffer& operator=(const scratch_buffer&) = delete;
+  ~scratch_buffer() { release(); }
+  float* get(index_t n) {
+    if (n > cap_) {
+      release();
+      const index_t want = std::max<index_t>(n, 16);
+      data_ = static_cast<float*>(::operator new(static_cast<std::size_t>(want) * sizeof(float), std::align_val_t(64)));
+      cap_ = want;
+    }
+    return data_;
+  }
+  void release() {
+    if (data_) ::operator delete(data_, std::align_val_t(64));
+    data_ = nullptr;
+    cap_ = 0;
+  }
+
+ private:
+  float* data_ = nullptr;
+  index_t cap_ = 0;
+};
+
+inline constexpr int fft_scratch_slots = 4;
+
+inline scratch_buffer* thread_scratch_buffers() {
+  thread_local scratch_buffer bufs[fft_scratch_slots];
+  return bufs;
+}
+
+// At least n floats of the calling thread's scratch slot `slot` (contents unspecified).
+inline float* thread_scratch(int slot, index_t n) { return thread_scratch_buffers()[slot].get(n); }
+
+// Frees the calling thread's scratch (the next call that needs it allocates again).
+inline void fft_release_thread_scratch() {
+  for (int s = 0; s < fft_scratch_slots; ++s) thread_scratch_buffers()[s].release();
+}
+
+// ---- butterflies on complex vectors -------------------------------------------------------------------
+
+namespace detail {
+
+using simd::vec;
+inline constexpr index_t W = simd::width;
+
+struct cvec {
+  vec re, im;
+};
+
+inline cvec ldc(const float* p) { return {simd::load(p), simd::load(p + W)}; }
+inline void stc(float* p, const cvec& x) {
+  simd::store(p, x.re);
+  simd::store(p + W, x.im);
+}
+inline cvec operator+(const cvec& a, const cvec& b) { return {a.re + b.re, a.im + b.im}; }
+inline cvec operator-(const cvec& a, const cvec& b) { return {a.re - b.re, a.im - b.im}; }
+inline cvec scaled(const cvec& a, float s) {
+  const vec v(s);
+  return {a.re * v, a.im * v};
+}
+// a * (wr + i wi), the scalar broadcast to every lane.
+inline cvec cmul(const cvec& a, float wr, float wi) {
+  const vec r(wr), i(wi);
+  return {xsimd::fms(a.re, r, a.im * i), xsimd::fma(a.re, i, a.im * r)};
+}
+// -i * a (forward rotation) or +i * a (inverse).
+template <bool Fwd>
+inline cvec rot(const cvec& a) {
+  if constexpr (Fwd) return {a.im, -a.re};
+  else return {-a.im, a.re};
+}
+
+// Radix-r butterfly: y_k = sum_s x_s exp(-+2 pi i k s / r) (sign - forward, + inverse), in place in x[].
+template <int R, bool Fwd>
+inline void butterfly(cvec* x) {
+  if constexpr (R == 2) {
+    const cvec a = x[0], b = x[1];
+    x[0] = a + b;
+    x[1] = a - b;
+  } else if constexpr (R == 3) {
+    constexpr float h = 0.866025403784438646763723170752936183f;  // sqrt(3) / 2
+    const cvec t1 = x[1] + x[2];
+    const cvec t2 = x[0] - scaled(t1, 0.5f);
+    const cvec t3 = rot<Fwd>(scaled(x[1] - x[2], h));
+    x[0] = x[0] + t1;
+    x[1] = t2 + t3;
+    x[2] = t2 - t3;
+  } else if constexpr (R == 4) {
+    const cvec t0 = x[0] + x[2], t1 = x[0] - x[2], t2 = x[1] + x[3];
+    const cvec t3 = rot<Fwd>(x[1] - x[3]);
+    x[0] = t0 + t2;
+    x[1] = t1 + t3;
+    x[2] = t0 - t2;
+    x[3] = t1 - t3;
+  } else if constexpr (R == 5) {
+    constexpr float c1 = 0.309016994374947424102293417182819059f;   // cos(2 pi / 5)
+    constexpr float c2 = -0.809016994374947424102293417182819059f;  // cos(4 pi / 5)
+    constexpr float s1 = 0.951056516295153572116439333379382143f;   // sin(2 pi / 5)
+    constexpr float s2 = 0.587785252292473129168705954639072769f;   // sin(4 pi / 5)
+    const cvec t1 = x[1] + x[4], t2 = x[2] + x[3], t3 = x[1] - x[4], t4 = x[2] - x[3];
+    const cvec a1 = x[0] + scaled(t1, c1) + scaled(t2, c2);
+    const cvec a2 = x[0] + scaled(t1, c2) + scaled(t2, c1);
+    const cvec b1 = rot<Fwd>(scaled(t3, s1) + scaled(t4, s2));
+    const cvec b2 = rot<Fwd>(scaled(t3, s2) - scaled(t4, s1));
+    x[0] = x[0] + t1 + t2;
+    x[1] = a1 + b1;
+    x[4] = a1 - b1;
+    x[2] = a2 + b2;
+    x[3] = a2 - b2;
+  }
+}
+
+// One stage over `count` consecutive sub-arrays of length s.len starting at base.
+// Forward (DIF): butterfly, then multiply output k by tw(k, p). Inverse (DIT): multiply input k by
+// conj(tw(k, p)), then the inverse butterfly. The inverse stage undoes the forward one up to a factor r.
+template <int R, bool Fwd>
+inline void stage_pass(const fft_stage& s, float* base, index_t count) {
+  const index_t q = s.q, len = s.len;
+  const float* tw = s.tw.data();
+  for (index_t c = 0; c < count; ++c) {
+    float* x0 = base + c * len * fft_elem;
+    for (index_t p = 0; p < q; ++p) {
+      float* xp = x0 + p * fft_elem;
+      cvec x[R];
+      for (int k = 0; k < R; ++k) x[k] = ldc(xp + k * q * fft_elem);
+      const float* t = tw + 2 * (R - 1) * p;
+      if constexpr (!Fwd) {
+        if (p > 0)
+          for (int k = 1; k < R; ++k) x[k] = cmul(x[k], t[2 * (k - 1)], -t[2 * (k - 1) + 1]);
+      }
+      butterfly<R, Fwd>(x);
+      if constexpr (Fwd) {
+        if (p > 0)
+          for (int k = 1; k < R; ++k) x[k] = cmul(x[k], t[2 * (k - 1)], t[2 * (k - 1) + 1]);
+      }
+      for (int k = 0; k < R; ++k) stc(xp + k * q * fft_elem, x[k]);
+    }
+  }
+}
+
+template <bool Fwd>
+inline void run_stage(const fft_stage& s, float* base, index_t count) {
+  switch (s.radix) {
+    case 2: return stage_pass<2, Fwd>(s, base, count);
+    case 3: return stage_pass<3, Fwd>(s, base, count);
+    case 4: return stage_pass<4, Fwd>(s, base, count);
+    case 5: return stage_pass<5, Fwd>(s, base, count);
+    default: return;
+  }
+}
+
+inline index_t stage_len(const fft_plan& p, std::size_t s) {
+  return s < p.stages().size() ? p.stages()[s].len : 1;
+}
+
+inline bool fits_block(index_t len) { return len * fft_elem * static_cast<index_t>(sizeof(float)) <= fft_block_bytes; }
+
+// Stages s.. of the forward transform on one sub-array (length stage_len(p, s)) at base.
+inline void forward_from(const fft_plan& p, std::size_t s, float* base) {
+  const auto& st = p.stages();
+  if (s >= st.size()) return;
+  if (fits_block(st[s].len)) {
+    for (std::size_t t = s; t < st.size(); ++t) run_stage<true>(st[t], base, st[s].len / st[t].len);
+    return;
+  }
+  run_stage<true>(st[s], base, 1);
+  for (int k = 0; k < st[s].radix; ++k) forward_from(p, s + 1, base + k * st[s].q * fft_elem);
+}
+
+inline void inverse_from(const fft_plan& p, std::size_t s, float* base) {
+  const auto& st = p.stages();
+  if (s >= st.size()) return;
+  if (fits_block(st[s].len)) {
+    for (std::size_t t = st.size(); t-- > s;) run_stage<false>(st[t], base, st[s].len / st[t].len);
+    return;
+  }
+  for (int k = 0; k < st[s].radix; ++k) inverse_from(p, s + 1, base + k * st[s].q * fft_elem);
+  run_stage<false>(st[s], base, 1);
+}
+
+template <class F>
+inline void convolve_from(const fft_plan& p, std::size_t s, float* base, index_t pos0, F& pointwise) {
+  const auto& st = p.stages();
+  const index_t len = stage_len(p, s);
+  if (s >= st.size() || fits_block(len)) {
+    forward_from(p, s, base);
+    pointwise(pos0, len, base);
+    inverse_from(p, s, base);
+    return;
+  }
+  run_stage<true>(st[s], base, 1);
+  for (int k = 0; k < st[s].radix; ++k)
+    convolve_from(p, s + 1, base + k * st[s].q * fft_elem, pos0 + k * st[s].q, pointwise);
+  run_stage<false>(st[s], base, 1);
+}
+
+}  // namespace detail
+
+// ---- transforms on channel-pair buffers ----------------------------------------------------------------
+
+// In place, buf holds plan.size() elements in natural order; afterwards buf[pos] holds the unnormalized
+// DFT X[k] = sum_m x[m] exp(-2 pi i k m / n) at pos = plan.position_of(k).
+inline void fft_forward(const fft_plan& plan, float* buf) { detail::forward_from(plan, 0, buf); }
+
+// In place, from scrambled order (as fft_forward leaves it) to natural order; unnormalized
+// (fft_inverse(fft_forward(x)) = n * x).
+inline void fft_inverse(const fft_plan& plan, float* buf) { detail::inverse_from(plan, 0, buf); }
+
+// fft_forward, then pointwise(pos0, count, elems) on consecutive runs of scrambled positions
+// [pos0, pos0 + count) whose elements start at elems, then fft_inverse. The runs cover [0, n) once
+// each, in increasing order, while they are in cache. With pointwise multiplying by the scrambled
+// spectrum of a filter, the result is n times the circular convolution of the buffer with the filter.
+template <class F>
+inline void fft_convolve(const fft_plan& plan, float* buf, F&& pointwise) {
+  detail::convolve_from(plan, 0, buf, 0, pointwise);
+}
+
+// ---- real transforms in FFTW's batch layout --------------------------------------------------------
+
+namespace detail {
+
+// Loads lanes [c, c + n) of row x (contiguous floats), zero beyond n.
+inline vec load_lanes(const float* x, index_t n) {
+  return n >= W ? simd::load(x) : simd::load_tail(x, std::max<index_t>(n, 0));
+}
+
+using cbatch = xsimd::batch<std::complex<float>, simd::arch>;
+
+// Stores lanes [0, n) of re + i im as interleaved std::complex<float> (FFTW's fftwf_complex layout).
+inline void store_complex_lanes(std::complex<float>* X, const vec& re, const vec& im, index_t n) {
+  if (n >= W) {
+    cbatch(re, im).store_unaligned(X);
+    return;
+  }
+  alignas(64) float r[W], i[W];
+  re.store_aligned(r);
+  im.store_aligned(i);
+  for (index_t c = 0; c < n; ++c) X[c] = {r[c], i[c]};
+}
+
+// Loads lanes [0, n) of interleaved complex values into (re, im), zero beyond n; with real_only the
+// imaginary parts read as 0.
+inline void load_complex_lanes(const std::complex<float>* X, index_t n, bool real_only, vec& re, vec& im) {
+  if (n >= W) {
+    const cbatch z = cbatch::load_unaligned(X);
+    re = z.real();
+    im = real_only ? vec(0.f) : z.imag();
+    return;
+  }
+  alignas(64) float r[W], i[W];
+  for (index_t c = 0; c < W; ++c) {
+    r[c] = c < n ? X[c].real() : 0.f;
+    i[c] = c < n && !real_only ? X[c].imag() : 0.f;
+  }
+  re = vec::load_aligned(r);
+  im = vec::load_aligned(i);
+}
+
+}  // namespace detail
+
+// Forward real transforms of `channels` signals of length n = plan.size(), stored x[m * ldx + c]
+// (m < n, c < channels), into X[k * ldX + c] = sum_m x[m * ldx + c] exp(-2 pi i k m / n) for
+// k <= n / 2: FFTW's fftwf_plan_many_dft_r2c layout with istride = ostride = 1 per channel and the
+// channel as the contiguous dimension. Scratch: n * fft_elem floats (nullptr: the calling thread's).
+inline void rfft(const fft_plan& plan, const float* x, index_t ldx, index_t channels, std::complex<float>* X,
+                 index_t ldX, float* scratch = nullptr) {
+  using detail::W;
+  const index_t n = plan.size(), half = n / 2;
+  float* buf = scratch ? scratch : thread_scratch(0, n * fft_elem);
+  for (index_t c0 = 0; c0 < channels; c0 += 2 * W) {
+    const index_t na = std::min(W, channels - c0), nb = std::min(W, channels - c0 - W);
+    for (index_t m = 0; m < n; ++m) {
+      const float* row = x + m * ldx + c0;
+      simd::store(buf + m * fft_elem, detail::load_lanes(row, na));
+      simd::store(buf + m * fft_elem + W, nb > 0 ? detail::load_lanes(row + W, nb) : detail::vec(0.f));
+    }
+    fft_forward(plan, buf);
+    // z = a + i b with a, b real: A[k] = (Z[k] + conj Z[n-k]) / 2, B[k] = (Z[k] - conj Z[n-k]) / (2i).
+    const detail::vec half_v(0.5f);
+    for (index_t k = 0; k <= half; ++k) {
+      const float* zk = buf + plan.position_of(k) * fft_elem;
+      const float* zm = buf + plan.position_of(k == 0 ? 0 : n - k) * fft_elem;
+      const detail::vec zr = simd::load(zk), zi = simd::load(zk + W), yr = simd::load(zm), yi = simd::load(zm + W);
+      std::complex<float>* row = X + k * ldX + c0;
+      detail::store_complex_lanes(row, (zr + yr) * half_v, (zi - yi) * half_v, na);
+      if (nb > 0) detail::store_complex_lanes(row + W, (zi + yi) * half_v, (yr - zr) * half_v, nb);
+    }
+  }
+}
+
+// Inverse of rfft, normalized: x[m * ldx + c] = (1/n) sum_k X_c[k] exp(2 pi i k m / n) over the full
+// Hermitian spectrum built from X[k * ldX + c], k <= n / 2 (the imaginary parts of X[0] and, for even
+// n, X[n/2] are ignored, as in FFTW's c2r).
+inline void irfft(const fft_plan& plan, const std::complex<float>* X, index_t ldX, index_t channels, float* x,
+                  index_t ldx, float* scratch = nullptr) {
+  using detail::W;
+  const index_t n = plan.size(), half = n / 2;
+  float* buf = scratch ? scratch : thread_scratch(0, n * fft_elem);
+  const float inv_n = 1.f / static_cast<float>(n);
+  for (index_t c0 = 0; c0 < channels; c0 += 2 * W) {
+    const index_t na = std::min(W, channels - c0), nb = std::min(W, channels - c0 - W);
+    for (index_t k = 0; k <= half; ++k) {
+      const std::complex<float>* row = X + k * ldX + c0;
+      const bool real_only = k == 0 || 2 * k == n;
+      detail::vec Ar, Ai, Br(0.f), Bi(0.f);
+      detail::load_complex_lanes(row, na, real_only, Ar, Ai);
+      if (nb > 0) detail::load_complex_lanes(row + W, nb, real_only, Br, Bi);
+      // Z[k] = A[k] + i B[k]; Z[n-k] = conj(A[k]) + i conj(B[k]).
+      float* zk = buf + plan.position_of(k) * fft_elem;
+      simd::store(zk, Ar - Bi);
+      simd::store(zk + W, Ai + Br);
+      if (k != 0 && 2 * k != n) {
+        float* zm = buf + plan.position_of(n - k) * fft_elem;
+        simd::store(zm, Ar + Bi);
+        simd::store(zm + W, Br - Ai);
+      }
+    }
+    fft_inverse(plan, buf);
+    const detail::vec s(inv_n);
+    for (index_t m = 0; m < n; ++m) {
+      float* row = x + m * ldx + c0;
+      const detail::vec re = simd::load(buf + m * fft_elem) * s, im = simd::load(buf + m * fft_elem + W) * s;
+      if (na >= W) simd::store(row, re);
+      else simd::store_tail(row, re, na);
+      if (nb >= W) simd::store(row + W, im);
+      else if (nb > 0) simd::store_tail(row + W, im, nb);
+    }
+  }
+}
+
+}  // namespace attnkit::kernels
