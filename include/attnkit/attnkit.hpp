@@ -8,3 +8,4 @@
 #include "attnkit/core/types.hpp"
 #include "attnkit/simd/simd.hpp"
 #include "attnkit/ops/reference.hpp"
+#include "attnkit/ops/circular.hpp"
