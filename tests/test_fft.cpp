@@ -7,6 +7,7 @@
 #include <unsupported/Eigen/FFT>
 
 #include <complex>
+#include <cstring>
 #include <memory>
 
 using namespace attnkit;
@@ -88,6 +89,30 @@ TEST_CASE("fft_forward matches Eigen's complex FFT, fft_inverse undoes it (n tim
     double rt = 0;
     for (std::size_t i = 0; i < buf.size(); ++i) rt = std::max(rt, std::abs(buf[i] / double(n) - x[i]));
     CHECK(rt <= 2e-6);
+  }
+}
+
+TEST_CASE("a fused two-stage pass equals the two stages run one after the other, bit for bit") {
+  // Lengths whose first two stages cover every radix pair a plan can produce (5s, 3s, 4s, then a 2).
+  for (index_t n : {5 * 5 * 8, 5 * 3 * 8, 5 * 4 * 4, 5 * 2, 3 * 3 * 4, 3 * 4 * 4, 3 * 2, 4 * 4 * 4, 4 * 2}) {
+    INFO("n = " << n);
+    const auto plan = kernels::get_fft_plan(n);
+    const auto& st = plan->stages();
+    REQUIRE(st.size() >= 2);
+    const auto x = random_floats(static_cast<std::size_t>(n * kernels::fft_elem), 300 + n);
+    for (bool fwd : {true, false}) {
+      std::vector<float> a = x, b = x;
+      if (fwd) {
+        kernels::detail::fused_pass<true>(st[0], st[1], a.data());
+        kernels::detail::run_stage<true>(st[0], b.data(), 1);
+        kernels::detail::run_stage<true>(st[1], b.data(), st[0].radix);
+      } else {
+        kernels::detail::fused_pass<false>(st[0], st[1], a.data());
+        kernels::detail::run_stage<false>(st[1], b.data(), st[0].radix);
+        kernels::detail::run_stage<false>(st[0], b.data(), 1);
+      }
+      CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+    }
   }
 }
 

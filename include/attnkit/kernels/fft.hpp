@@ -15,17 +15,16 @@
 // decimation in time for the inverse, whose input is scrambled and output natural. A convolution
 // therefore needs no reordering at all: forward, multiply by a filter spectrum computed by the same
 // forward transform (hence in the same scrambled order), inverse. Lengths are 2^a 3^b 5^c
-// (fft_good_size gives the next one); callers that need an exact transform of another length N use a
-// zero-padded length >= 2N - 1 (linear convolution), which is what circular_attention does: it is
-// simpler and, for these radices, faster than Bluestein's chirp-z (which needs three transforms of
-// length >= 2N - 1 instead of two).
+// (fft_good_size gives the next one). Callers that need an exact cyclic convolution of another
+// length N use a zero-padded length M >= 2N - 1 (the linear convolution, truncated or folded back
+// modulo N), which is what circular_attention does: two transforms of length M per convolution,
+// where Bluestein's chirp-z would need two such transforms per DFT of length N, four per convolution.
 //
-// Cache blocking. Stages run depth first: a stage pass splits a sub-array into `radix` contiguous
-// sub-arrays that are then transformed one after the other, so once a sub-array fits in the
-// block size (fft_block_bytes, L2-resident) all its remaining stages run breadth first inside the
-// cache. fft_convolve goes further: for each in-cache block it runs the remaining forward stages,
-// the pointwise product and the first inverse stages before moving on, so the spectrum never makes
-// a round trip to memory.
+// Cache blocking. A sub-array larger than fft_block_bytes gets one fused pass of two stages (each
+// element read and written once for both) and its radix_a * radix_b contiguous sub-arrays recurse;
+// a sub-array that fits is finished stage by stage inside the cache. fft_convolve goes further: for
+// each in-cache block it runs the remaining forward stages, the pointwise product and the first
+// inverse stages before moving on, so the spectrum never makes a round trip to memory.
 //
 // Twiddles are computed once per plan in double precision and stored in float; plans are cached per
 // length (thread-safe). Arithmetic is float; the result of every transform depends only on the
@@ -40,6 +39,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <type_traits>
 #include <numbers>
 #include <vector>
 
@@ -51,8 +51,13 @@ namespace attnkit::kernels {
 
 // Floats per complex element of a channel-pair buffer (two vectors: real and imaginary lanes).
 inline constexpr index_t fft_elem = 2 * simd::width;
-// Sub-arrays up to this many bytes are finished breadth first (they stay in L2).
-inline constexpr index_t fft_block_bytes = 256 * 1024;
+// Sub-arrays up to this many bytes are finished stage by stage, in cache; larger ones are split by
+// fused two-stage passes first. Half of a 1 MiB L2; override with -DATTNKIT_FFT_BLOCK_BYTES=...
+// (measured on the Zen 5 bench machine: 256 KiB to 1 MiB within noise, 32 KiB 5-10% slower at 64k).
+#ifndef ATTNKIT_FFT_BLOCK_BYTES
+#define ATTNKIT_FFT_BLOCK_BYTES (512 * 1024)
+#endif
+inline constexpr index_t fft_block_bytes = ATTNKIT_FFT_BLOCK_BYTES;
 
 // True when n >= 1 is a product of 2, 3 and 5 (the lengths fft_plan supports).
 inline bool fft_is_good_size(index_t n) {
@@ -294,31 +299,38 @@ inline void butterfly(cvec* x) {
   }
 }
 
+// One radix-R butterfly of a stage at index p: inputs in + k * in_stride, outputs out + k * out_stride
+// (k < R, strides in elements; in == out for in place). Forward (DIF): butterfly, then multiply
+// output k by tw(k, p). Inverse (DIT): multiply input k by conj(tw(k, p)), then the inverse butterfly.
+// The inverse undoes the forward one up to a factor R.
+template <int R, bool Fwd>
+inline void butterfly_io(const float* in, index_t in_stride, float* out, index_t out_stride, index_t p, const float* tw) {
+  cvec y[R];
+  for (int k = 0; k < R; ++k) y[k] = ldc(in + k * in_stride * fft_elem);
+  const float* t = tw + 2 * (R - 1) * p;
+  if constexpr (!Fwd) {
+    if (p > 0)
+      for (int k = 1; k < R; ++k) y[k] = cmul(y[k], t[2 * (k - 1)], -t[2 * (k - 1) + 1]);
+  }
+  butterfly<R, Fwd>(y);
+  if constexpr (Fwd) {
+    if (p > 0)
+      for (int k = 1; k < R; ++k) y[k] = cmul(y[k], t[2 * (k - 1)], t[2 * (k - 1) + 1]);
+  }
+  for (int k = 0; k < R; ++k) stc(out + k * out_stride * fft_elem, y[k]);
+}
+
+template <int R, bool Fwd>
+inline void butterfly_at(float* x, index_t stride, index_t p, const float* tw) {
+  butterfly_io<R, Fwd>(x, stride, x, stride, p, tw);
+}
+
 // One stage over `count` consecutive sub-arrays of length s.len starting at base.
-// Forward (DIF): butterfly, then multiply output k by tw(k, p). Inverse (DIT): multiply input k by
-// conj(tw(k, p)), then the inverse butterfly. The inverse stage undoes the forward one up to a factor r.
 template <int R, bool Fwd>
 inline void stage_pass(const fft_stage& s, float* base, index_t count) {
-  const index_t q = s.q, len = s.len;
-  const float* tw = s.tw.data();
   for (index_t c = 0; c < count; ++c) {
-    float* x0 = base + c * len * fft_elem;
-    for (index_t p = 0; p < q; ++p) {
-      float* xp = x0 + p * fft_elem;
-      cvec x[R];
-      for (int k = 0; k < R; ++k) x[k] = ldc(xp + k * q * fft_elem);
-      const float* t = tw + 2 * (R - 1) * p;
-      if constexpr (!Fwd) {
-        if (p > 0)
-          for (int k = 1; k < R; ++k) x[k] = cmul(x[k], t[2 * (k - 1)], -t[2 * (k - 1) + 1]);
-      }
-      butterfly<R, Fwd>(x);
-      if constexpr (Fwd) {
-        if (p > 0)
-          for (int k = 1; k < R; ++k) x[k] = cmul(x[k], t[2 * (k - 1)], t[2 * (k - 1) + 1]);
-      }
-      for (int k = 0; k < R; ++k) stc(xp + k * q * fft_elem, x[k]);
-    }
+    float* x0 = base + c * s.len * fft_elem;
+    for (index_t p = 0; p < s.q; ++p) butterfly_at<R, Fwd>(x0 + p * fft_elem, s.q, p, s.tw.data());
   }
 }
 
@@ -333,49 +345,101 @@ inline void run_stage(const fft_stage& s, float* base, index_t count) {
   }
 }
 
+// Two consecutive stages a (length a.len) and b (length b.len = a.q) in one pass over the array at
+// base: for each p < b.q the a.radix * b.radix elements p + k2 * b.q + k1 * a.q are read from memory
+// by the first stage's butterflies, which leave their results in a small L1 tile, and written back
+// by the second stage's. Memory is read and written once for both stages: out-of-cache levels use
+// this pass.
+template <bool Fwd, int R1, int R2>
+inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base) {
+  const index_t q1 = a.q, q2 = b.q;
+  alignas(64) float tile[R1 * R2 * fft_elem];  // tile[k1 * R2 + k2]
+  for (index_t p = 0; p < q2; ++p) {
+    float* col = base + p * fft_elem;  // element (k1, k2) at col + (k2 * q2 + k1 * q1) * fft_elem
+    if constexpr (Fwd) {
+      for (int k2 = 0; k2 < R2; ++k2)
+        butterfly_io<R1, true>(col + k2 * q2 * fft_elem, q1, tile + k2 * fft_elem, R2, p + k2 * q2, a.tw.data());
+      for (int k1 = 0; k1 < R1; ++k1)
+        butterfly_io<R2, true>(tile + k1 * R2 * fft_elem, 1, col + k1 * q1 * fft_elem, q2, p, b.tw.data());
+    } else {
+      for (int k1 = 0; k1 < R1; ++k1)
+        butterfly_io<R2, false>(col + k1 * q1 * fft_elem, q2, tile + k1 * R2 * fft_elem, 1, p, b.tw.data());
+      for (int k2 = 0; k2 < R2; ++k2)
+        butterfly_io<R1, false>(tile + k2 * fft_elem, R2, col + k2 * q2 * fft_elem, q1, p + k2 * q2, a.tw.data());
+    }
+  }
+}
+
+template <bool Fwd, int R1>
+inline void fused_pass_r2(const fft_stage& a, const fft_stage& b, float* base) {
+  switch (b.radix) {
+    case 2: return fused_pass<Fwd, R1, 2>(a, b, base);
+    case 3: return fused_pass<Fwd, R1, 3>(a, b, base);
+    case 4: return fused_pass<Fwd, R1, 4>(a, b, base);
+    case 5: return fused_pass<Fwd, R1, 5>(a, b, base);
+    default: return;
+  }
+}
+
+template <bool Fwd>
+inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base) {
+  switch (a.radix) {
+    case 2: return fused_pass_r2<Fwd, 2>(a, b, base);
+    case 3: return fused_pass_r2<Fwd, 3>(a, b, base);
+    case 4: return fused_pass_r2<Fwd, 4>(a, b, base);
+    case 5: return fused_pass_r2<Fwd, 5>(a, b, base);
+    default: return;
+  }
+}
+
 inline index_t stage_len(const fft_plan& p, std::size_t s) {
   return s < p.stages().size() ? p.stages()[s].len : 1;
 }
 
 inline bool fits_block(index_t len) { return len * fft_elem * static_cast<index_t>(sizeof(float)) <= fft_block_bytes; }
 
-// Stages s.. of the forward transform on one sub-array (length stage_len(p, s)) at base.
+// Stages s.. of the forward transform on one sub-array (length stage_len(p, s)) at base. A sub-array
+// that fits the block size is finished stage by stage (breadth first, in cache); a larger one gets
+// one fused two-stage pass and its a.radix * b.radix sub-arrays recurse (they are contiguous).
 inline void forward_from(const fft_plan& p, std::size_t s, float* base) {
   const auto& st = p.stages();
   if (s >= st.size()) return;
-  if (fits_block(st[s].len)) {
+  if (fits_block(st[s].len) || s + 1 == st.size()) {
     for (std::size_t t = s; t < st.size(); ++t) run_stage<true>(st[t], base, st[s].len / st[t].len);
     return;
   }
-  run_stage<true>(st[s], base, 1);
-  for (int k = 0; k < st[s].radix; ++k) forward_from(p, s + 1, base + k * st[s].q * fft_elem);
+  fused_pass<true>(st[s], st[s + 1], base);
+  const index_t sub = stage_len(p, s + 2);
+  for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j) forward_from(p, s + 2, base + j * sub * fft_elem);
 }
 
 inline void inverse_from(const fft_plan& p, std::size_t s, float* base) {
   const auto& st = p.stages();
   if (s >= st.size()) return;
-  if (fits_block(st[s].len)) {
+  if (fits_block(st[s].len) || s + 1 == st.size()) {
     for (std::size_t t = st.size(); t-- > s;) run_stage<false>(st[t], base, st[s].len / st[t].len);
     return;
   }
-  for (int k = 0; k < st[s].radix; ++k) inverse_from(p, s + 1, base + k * st[s].q * fft_elem);
-  run_stage<false>(st[s], base, 1);
+  const index_t sub = stage_len(p, s + 2);
+  for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j) inverse_from(p, s + 2, base + j * sub * fft_elem);
+  fused_pass<false>(st[s], st[s + 1], base);
 }
 
 template <class F>
 inline void convolve_from(const fft_plan& p, std::size_t s, float* base, index_t pos0, F& pointwise) {
   const auto& st = p.stages();
   const index_t len = stage_len(p, s);
-  if (s >= st.size() || fits_block(len)) {
+  if (s + 1 >= st.size() || fits_block(len)) {
     forward_from(p, s, base);
     pointwise(pos0, len, base);
     inverse_from(p, s, base);
     return;
   }
-  run_stage<true>(st[s], base, 1);
-  for (int k = 0; k < st[s].radix; ++k)
-    convolve_from(p, s + 1, base + k * st[s].q * fft_elem, pos0 + k * st[s].q, pointwise);
-  run_stage<false>(st[s], base, 1);
+  fused_pass<true>(st[s], st[s + 1], base);
+  const index_t sub = stage_len(p, s + 2);
+  for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j)
+    convolve_from(p, s + 2, base + j * sub * fft_elem, pos0 + j * sub, pointwise);
+  fused_pass<false>(st[s], st[s + 1], base);
 }
 
 }  // namespace detail
@@ -397,6 +461,19 @@ inline void fft_inverse(const fft_plan& plan, float* buf) { detail::inverse_from
 template <class F>
 inline void fft_convolve(const fft_plan& plan, float* buf, F&& pointwise) {
   detail::convolve_from(plan, 0, buf, 0, pointwise);
+}
+
+// fft_convolve for data that does not live in a channel-pair buffer: load(m, dst) writes element m
+// (natural order, 2 * simd::width floats) to buf, then the convolution runs in buf, then store(m, src)
+// receives element m of the result (n times the convolution); both in increasing m. Loading and
+// storing are separate sequential passes on purpose: reading strided sources inside the first
+// (25-stream) transform pass measured slower than streaming them once.
+template <class Load, class F, class Store>
+inline void fft_convolve(const fft_plan& plan, float* buf, Load&& load, F&& pointwise, Store&& store) {
+  const index_t n = plan.size();
+  for (index_t m = 0; m < n; ++m) load(m, buf + m * fft_elem);
+  detail::convolve_from(plan, 0, buf, 0, pointwise);
+  for (index_t m = 0; m < n; ++m) store(m, static_cast<const float*>(buf + m * fft_elem));
 }
 
 // ---- real transforms in FFTW's batch layout --------------------------------------------------------

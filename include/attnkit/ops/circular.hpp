@@ -228,27 +228,67 @@ inline block_pair make_block_pair(index_t D, index_t blk) {
   return bp;
 }
 
+// Reads element m of a unit's channel-pair sequence: v[b, m, h, block pair] for m < rows, zero
+// beyond. Non-finite values read as 0 and are remembered (saw_nonfinite()).
+template <class TV>
+class value_reader {
+ public:
+  value_reader(const tensor_view<TV, 4>& v, index_t b, index_t h, const block_pair& bp, index_t rows)
+      : base_(v.data() + b * v.stride(0) + h * v.stride(2) + bp.c0 * v.stride(3)),
+        ss_(v.stride(1)), sd_(v.stride(3)), na_(bp.na), nb_(bp.nb), rows_(rows) {}
+
+  void operator()(index_t m, float* dst) {
+    const vec zero(0.f);
+    if (m >= rows_) {
+      simd::store(dst, zero);
+      simd::store(dst + W, zero);
+      return;
+    }
+    const TV* row = base_ + m * ss_;
+    const vec a = load_channels(row, sd_, na_);
+    const vec c = nb_ > 0 ? load_channels(row + W * sd_, sd_, nb_) : zero;
+    const vec big(FLT_MAX);
+    const auto oa = xsimd::abs(a) <= big, oc = xsimd::abs(c) <= big;
+    ok_ = ok_ & oa & oc;
+    simd::store(dst, xsimd::select(oa, a, zero));
+    simd::store(dst + W, xsimd::select(oc, c, zero));
+  }
+  bool saw_nonfinite() const { return !xsimd::all(ok_); }
+
+ private:
+  const TV* base_;
+  index_t ss_, sd_, na_, nb_, rows_;
+  xsimd::batch_bool<float, simd::arch> ok_ = vec(0.f) == vec(0.f);  // all lanes true
+};
+
 // Packs v[b, 0..rows, h, block pair] into buf (elements 0..rows) and zeroes elements rows..M.
 // Non-finite values are packed as 0; returns true when there was one.
 template <class TV>
 bool pack_values(const tensor_view<TV, 4>& v, index_t b, index_t h, const block_pair& bp, index_t rows, index_t M,
                  float* buf) {
-  const index_t ss = v.stride(1), sd = v.stride(3);
-  const TV* base = v.data() + b * v.stride(0) + h * v.stride(2) + bp.c0 * sd;
-  const vec big(FLT_MAX), zero(0.f);
-  auto all_ok = big == big;
-  for (index_t j = 0; j < rows; ++j) {
-    const TV* row = base + j * ss;
-    const vec a = load_channels(row, sd, bp.na);
-    const vec c = bp.nb > 0 ? load_channels(row + W * sd, sd, bp.nb) : zero;
-    const auto oa = xsimd::abs(a) <= big, oc = xsimd::abs(c) <= big;
-    all_ok = all_ok & oa & oc;
-    simd::store(buf + j * E, xsimd::select(oa, a, zero));
-    simd::store(buf + j * E + W, xsimd::select(oc, c, zero));
-  }
+  value_reader<TV> rd(v, b, h, bp, rows);
+  for (index_t j = 0; j < rows; ++j) rd(j, buf + j * E);
   std::fill(buf + rows * E, buf + M * E, 0.f);
-  return !xsimd::all(all_ok);
+  return rd.saw_nonfinite();
 }
+
+// Writes (or adds) rows of a unit's result to out[b, row, h, block pair].
+template <bool Accumulate, class TO>
+class row_writer {
+ public:
+  row_writer(const tensor_view<TO, 4>& out, index_t b, index_t h, const block_pair& bp)
+      : base_(out.data() + b * out.stride(0) + h * out.stride(2) + bp.c0 * out.stride(3)),
+        os_(out.stride(1)), od_(out.stride(3)), na_(bp.na), nb_(bp.nb) {}
+  void operator()(index_t row, const vec& re, const vec& im) const {
+    TO* p = base_ + row * os_;
+    store_channels<Accumulate>(p, od_, na_, re);
+    if (nb_ > 0) store_channels<Accumulate>(p + W * od_, od_, nb_, im);
+  }
+
+ private:
+  TO* base_;
+  index_t os_, od_, na_, nb_;
+};
 
 // The channels of a block pair, in lane order (A block, then B block).
 inline index_t block_channel(const block_pair& bp, index_t k) { return k < bp.na ? bp.c0 + k : bp.c0 + W + (k - bp.na); }
@@ -305,6 +345,38 @@ void unpack_rows(const float* buf, index_t M, index_t r0, index_t r1, index_t fo
     store_channels<Accumulate>(row, od, bp.na, re);
     if (bp.nb > 0) store_channels<Accumulate>(row + W * od, od, bp.nb, im);
   }
+}
+
+// Convolves a unit's values v[b, 0..rows, h, block pair] (zero-padded to the plan's length M) with
+// the scrambled filter spectrum spec, and writes (adds) result rows [r0, r1) to out rows
+// row_offset + i, times factor[i - r0] when given; with fold_n > 0 row i is y[i] + y[i + fold_n].
+// Without folding, reading v and writing out are fused into the first and last transform passes.
+// Returns true when v held a non-finite value (read as 0).
+template <bool Accumulate, class TV, class TO>
+bool convolve_unit(const kernels::fft_plan& plan, float* work, const float* spec, const tensor_view<TV, 4>& v,
+                   const tensor_view<TO, 4>& out, index_t b, index_t h, const block_pair& bp, index_t rows, index_t r0,
+                   index_t r1, index_t fold_n, const float* factor, index_t row_offset) {
+  const index_t M = plan.size();
+  value_reader<TV> rd(v, b, h, bp, rows);
+  auto mul = [spec](index_t pos0, index_t n, float* elems) { multiply_spectrum(spec, pos0, n, elems); };
+  if (fold_n > 0) {
+    for (index_t m = 0; m < M; ++m) rd(m, work + m * E);
+    kernels::fft_convolve(plan, work, mul);
+    unpack_rows<Accumulate>(work, M, r0, r1, fold_n, factor, out, b, h, bp, row_offset);
+  } else {
+    const row_writer<Accumulate, TO> wr(out, b, h, bp);
+    kernels::fft_convolve(plan, work, rd, mul, [&](index_t m, const float* src) {
+      if (m < r0 || m >= r1) return;
+      vec re = simd::load(src), im = simd::load(src + W);
+      if (factor) {
+        const vec f(factor[m - r0]);
+        re *= f;
+        im *= f;
+      }
+      wr(row_offset + m, re, im);
+    });
+  }
+  return rd.saw_nonfinite();
 }
 
 // Per-head results of the softmax phase.
@@ -463,11 +535,8 @@ class renorm_solver {
     const index_t blocks = (D_ + 2 * W - 1) / (2 * W);
     for (index_t blk = 0; blk < blocks; ++blk) {
       const block_pair bp = make_block_pair(D_, blk);
-      if (pack_values(v_, b_, h_, bp, nvals, M, buf)) bad_[static_cast<std::size_t>(blk)] = true;
-      kernels::fft_convolve(*plan, buf, [&](index_t pos0, index_t n, float* elems) {
-        multiply_spectrum(spec, pos0, n, elems);
-      });
-      unpack_rows<true>(buf, M, r0, r1, 0, factor_.data(), out_, b_, h_, bp, o);
+      if (convolve_unit<true>(*plan, buf, spec, v_, out_, b_, h_, bp, nvals, r0, r1, 0, factor_.data(), o))
+        bad_[static_cast<std::size_t>(blk)] = true;
     }
   }
 
@@ -567,13 +636,9 @@ void circular_attention(tensor_view<TL, 3> logits, tensor_view<TV, 4> v, tensor_
         if (hi.top_begin >= N) continue;
         const index_t b = (g0 + lane) / s.heads, h = (g0 + lane) % s.heads;
         const cat::block_pair bp = cat::make_block_pair(D, blk);
-        const bool bad = cat::pack_values(v, b, h, bp, N, M, work);
-        const float* spec = spectra + lane * 2 * M;
-        kernels::fft_convolve(*plan, work, [&](index_t pos0, index_t n, float* elems) {
-          cat::multiply_spectrum(spec, pos0, n, elems);
-        });
         const float* f = renorm ? factors + lane * N + hi.top_begin : nullptr;
-        cat::unpack_rows<false>(work, M, hi.top_begin, N, fold, f, out, b, h, bp, 0);
+        const bool bad = cat::convolve_unit<false>(*plan, work, spectra + lane * 2 * M, v, out, b, h, bp, N,
+                                                   hi.top_begin, N, fold, f, 0);
         if (bad) cat::poison_rows(v, out, b, h, bp, N, !p.causal, hi.top_begin, N);
       }
     });
