@@ -58,6 +58,11 @@ inline constexpr index_t fft_elem = 2 * simd::width;
 #define ATTNKIT_FFT_BLOCK_BYTES (512 * 1024)
 #endif
 inline constexpr index_t fft_block_bytes = ATTNKIT_FFT_BLOCK_BYTES;
+// Unused elements after each chunk of a fused pass in the padded layout (at least one cache line).
+#ifndef ATTNKIT_FFT_PAD_ELEMS
+#define ATTNKIT_FFT_PAD_ELEMS std::max<index_t>(1, 64 / (fft_elem * static_cast<index_t>(sizeof(float))))
+#endif
+inline constexpr index_t fft_pad_elems = ATTNKIT_FFT_PAD_ELEMS;
 
 // True when n >= 1 is a product of 2, 3 and 5 (the lengths fft_plan supports).
 inline bool fft_is_good_size(index_t n) {
@@ -118,6 +123,18 @@ class fft_plan {
       stages_.push_back(std::move(s));
       len /= r;
     }
+    // The padded layout: a stage-s sub-array longer than the block size is split by a fused pass into
+    // radix_s * radix_{s+1} chunks; each chunk is followed by fft_pad_elems unused elements so the
+    // chunks do not start at power-of-two distances (which map every element a fused pass touches
+    // to the same cache set).
+    const std::size_t S = stages_.size();
+    fused_.assign(S + 1, false);
+    size_.assign(S + 2, 1);
+    for (std::size_t t = S; t-- > 0;) {
+      const auto& st = stages_[t];
+      fused_[t] = t + 1 < S && st.len * fft_elem * static_cast<index_t>(sizeof(float)) > fft_block_bytes;
+      size_[t] = fused_[t] ? st.radix * stages_[t + 1].radix * (size_[t + 2] + fft_pad_elems) : st.len;
+    }
   }
   fft_plan(const fft_plan&) = delete;
   fft_plan& operator=(const fft_plan&) = delete;
@@ -125,10 +142,41 @@ class fft_plan {
   index_t size() const { return n_; }
   const std::vector<fft_stage>& stages() const { return stages_; }
 
+  // Whether a sub-array of stage s is split by a fused two-stage pass (else it is finished in cache).
+  bool fused(std::size_t s) const { return s < stages_.size() && fused_[s]; }
+  // Elements a stage-s sub-array occupies in the padded layout (padded_size() = the whole transform).
+  index_t padded_size(std::size_t s = 0) const { return size_[std::min(s, stages_.size())]; }
+  // Distance between the chunks a fused stage-s pass produces, in the padded layout.
+  index_t chunk_stride(std::size_t s) const { return size_[s + 2] + fft_pad_elems; }
+  // Where element i (natural index before the forward transform, scrambled position after it) of a
+  // stage-s sub-array lives in the padded layout.
+  index_t padded_address(index_t i, std::size_t s = 0) const {
+    index_t off = 0;
+    while (fused(s)) {
+      const index_t chunk_len = s + 2 < stages_.size() ? stages_[s + 2].len : 1;
+      off += (i / chunk_len) * chunk_stride(s);
+      i %= chunk_len;
+      s += 2;
+    }
+    return off + i;
+  }
+
   // The scrambled position at which the forward transform leaves frequency k (table built on first use).
   index_t position_of(index_t k) const {
+    build_position_tables();
+    return pos_[static_cast<std::size_t>(k)];
+  }
+  // padded_address(position_of(k)), from a table.
+  index_t padded_position_of(index_t k) const {
+    build_position_tables();
+    return padded_pos_[static_cast<std::size_t>(k)];
+  }
+
+ private:
+  void build_position_tables() const {
     std::call_once(pos_once_, [this] {
       pos_.resize(static_cast<std::size_t>(n_));
+      padded_pos_.resize(static_cast<std::size_t>(n_));
       for (index_t pos = 0; pos < n_; ++pos) {
         index_t rem = pos, f = 0, mult = 1;
         for (const auto& s : stages_) {
@@ -137,16 +185,17 @@ class fft_plan {
           mult *= s.radix;
         }
         pos_[static_cast<std::size_t>(f)] = pos;
+        padded_pos_[static_cast<std::size_t>(f)] = padded_address(pos);
       }
     });
-    return pos_[static_cast<std::size_t>(k)];
   }
 
- private:
   index_t n_;
   std::vector<fft_stage> stages_;
+  std::vector<char> fused_;
+  std::vector<index_t> size_;
   mutable std::once_flag pos_once_;
-  mutable std::vector<index_t> pos_;
+  mutable std::vector<index_t> pos_, padded_pos_;
 };
 
 // The plan for length n, built once per length and shared (safe to call from any thread). The cache
@@ -350,96 +399,129 @@ inline void run_stage(const fft_stage& s, float* base, index_t count) {
 // by the first stage's butterflies, which leave their results in a small L1 tile, and written back
 // by the second stage's. Memory is read and written once for both stages: out-of-cache levels use
 // this pass.
+// Element p + k2 * b.q + k1 * a.q lives at (k1 * R2 + k2) * chunk + inner(p): chunk = b.q and
+// inner(p) = p for a contiguous array; for the padded layout chunk = plan->chunk_stride(s) and
+// inner(p) = plan->padded_address(p, s + 2) (given by inner_plan, nullptr for the identity).
 template <bool Fwd, int R1, int R2>
-inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base) {
-  const index_t q1 = a.q, q2 = b.q;
+inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base, index_t chunk, const fft_plan* inner_plan,
+                       std::size_t inner_stage) {
+  const index_t q2 = b.q, q1 = R2 * chunk;
   alignas(64) float tile[R1 * R2 * fft_elem];  // tile[k1 * R2 + k2]
   for (index_t p = 0; p < q2; ++p) {
-    float* col = base + p * fft_elem;  // element (k1, k2) at col + (k2 * q2 + k1 * q1) * fft_elem
+    float* col = base + (inner_plan ? inner_plan->padded_address(p, inner_stage) : p) * fft_elem;
     if constexpr (Fwd) {
       for (int k2 = 0; k2 < R2; ++k2)
-        butterfly_io<R1, true>(col + k2 * q2 * fft_elem, q1, tile + k2 * fft_elem, R2, p + k2 * q2, a.tw.data());
+        butterfly_io<R1, true>(col + k2 * chunk * fft_elem, q1, tile + k2 * fft_elem, R2, p + k2 * q2, a.tw.data());
       for (int k1 = 0; k1 < R1; ++k1)
-        butterfly_io<R2, true>(tile + k1 * R2 * fft_elem, 1, col + k1 * q1 * fft_elem, q2, p, b.tw.data());
+        butterfly_io<R2, true>(tile + k1 * R2 * fft_elem, 1, col + k1 * q1 * fft_elem, chunk, p, b.tw.data());
     } else {
       for (int k1 = 0; k1 < R1; ++k1)
-        butterfly_io<R2, false>(col + k1 * q1 * fft_elem, q2, tile + k1 * R2 * fft_elem, 1, p, b.tw.data());
+        butterfly_io<R2, false>(col + k1 * q1 * fft_elem, chunk, tile + k1 * R2 * fft_elem, 1, p, b.tw.data());
       for (int k2 = 0; k2 < R2; ++k2)
-        butterfly_io<R1, false>(tile + k2 * fft_elem, R2, col + k2 * q2 * fft_elem, q1, p + k2 * q2, a.tw.data());
+        butterfly_io<R1, false>(tile + k2 * fft_elem, R2, col + k2 * chunk * fft_elem, q1, p + k2 * q2, a.tw.data());
     }
   }
 }
 
 template <bool Fwd, int R1>
-inline void fused_pass_r2(const fft_stage& a, const fft_stage& b, float* base) {
+inline void fused_pass_r2(const fft_stage& a, const fft_stage& b, float* base, index_t chunk, const fft_plan* ip,
+                          std::size_t is) {
   switch (b.radix) {
-    case 2: return fused_pass<Fwd, R1, 2>(a, b, base);
-    case 3: return fused_pass<Fwd, R1, 3>(a, b, base);
-    case 4: return fused_pass<Fwd, R1, 4>(a, b, base);
-    case 5: return fused_pass<Fwd, R1, 5>(a, b, base);
+    case 2: return fused_pass<Fwd, R1, 2>(a, b, base, chunk, ip, is);
+    case 3: return fused_pass<Fwd, R1, 3>(a, b, base, chunk, ip, is);
+    case 4: return fused_pass<Fwd, R1, 4>(a, b, base, chunk, ip, is);
+    case 5: return fused_pass<Fwd, R1, 5>(a, b, base, chunk, ip, is);
     default: return;
   }
 }
 
 template <bool Fwd>
-inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base) {
+inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base, index_t chunk = 0,
+                       const fft_plan* inner_plan = nullptr, std::size_t inner_stage = 0) {
+  if (chunk == 0) chunk = b.q;
   switch (a.radix) {
-    case 2: return fused_pass_r2<Fwd, 2>(a, b, base);
-    case 3: return fused_pass_r2<Fwd, 3>(a, b, base);
-    case 4: return fused_pass_r2<Fwd, 4>(a, b, base);
-    case 5: return fused_pass_r2<Fwd, 5>(a, b, base);
+    case 2: return fused_pass_r2<Fwd, 2>(a, b, base, chunk, inner_plan, inner_stage);
+    case 3: return fused_pass_r2<Fwd, 3>(a, b, base, chunk, inner_plan, inner_stage);
+    case 4: return fused_pass_r2<Fwd, 4>(a, b, base, chunk, inner_plan, inner_stage);
+    case 5: return fused_pass_r2<Fwd, 5>(a, b, base, chunk, inner_plan, inner_stage);
     default: return;
   }
+}
+
+// The fused pass of stage s of plan p on the sub-array at base, contiguous or padded layout.
+template <bool Fwd>
+inline void plan_fused_pass(const fft_plan& p, std::size_t s, float* base, bool padded) {
+  const auto& st = p.stages();
+  if (padded) fused_pass<Fwd>(st[s], st[s + 1], base, p.chunk_stride(s), p.fused(s + 2) ? &p : nullptr, s + 2);
+  else fused_pass<Fwd>(st[s], st[s + 1], base);
+}
+
+inline index_t chunk_distance(const fft_plan& p, std::size_t s, bool padded) {
+  return padded ? p.chunk_stride(s) : p.stages()[s + 1].q;
 }
 
 inline index_t stage_len(const fft_plan& p, std::size_t s) {
   return s < p.stages().size() ? p.stages()[s].len : 1;
 }
 
-inline bool fits_block(index_t len) { return len * fft_elem * static_cast<index_t>(sizeof(float)) <= fft_block_bytes; }
-
 // Stages s.. of the forward transform on one sub-array (length stage_len(p, s)) at base. A sub-array
-// that fits the block size is finished stage by stage (breadth first, in cache); a larger one gets
-// one fused two-stage pass and its a.radix * b.radix sub-arrays recurse (they are contiguous).
-inline void forward_from(const fft_plan& p, std::size_t s, float* base) {
+// the plan marks fused gets one fused two-stage pass and its radix_s * radix_{s+1} chunks recurse;
+// the others are finished stage by stage (breadth first, in cache). `padded`: the padded layout.
+inline void forward_from(const fft_plan& p, std::size_t s, float* base, bool padded) {
   const auto& st = p.stages();
   if (s >= st.size()) return;
-  if (fits_block(st[s].len) || s + 1 == st.size()) {
+  if (!p.fused(s)) {
     for (std::size_t t = s; t < st.size(); ++t) run_stage<true>(st[t], base, st[s].len / st[t].len);
     return;
   }
-  fused_pass<true>(st[s], st[s + 1], base);
-  const index_t sub = stage_len(p, s + 2);
-  for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j) forward_from(p, s + 2, base + j * sub * fft_elem);
+  plan_fused_pass<true>(p, s, base, padded);
+  const index_t step = chunk_distance(p, s, padded);
+  for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j) forward_from(p, s + 2, base + j * step * fft_elem, padded);
 }
 
-inline void inverse_from(const fft_plan& p, std::size_t s, float* base) {
+inline void inverse_from(const fft_plan& p, std::size_t s, float* base, bool padded) {
   const auto& st = p.stages();
   if (s >= st.size()) return;
-  if (fits_block(st[s].len) || s + 1 == st.size()) {
+  if (!p.fused(s)) {
     for (std::size_t t = st.size(); t-- > s;) run_stage<false>(st[t], base, st[s].len / st[t].len);
     return;
   }
-  const index_t sub = stage_len(p, s + 2);
-  for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j) inverse_from(p, s + 2, base + j * sub * fft_elem);
-  fused_pass<false>(st[s], st[s + 1], base);
+  const index_t step = chunk_distance(p, s, padded);
+  for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j) inverse_from(p, s + 2, base + j * step * fft_elem, padded);
+  plan_fused_pass<false>(p, s, base, padded);
 }
 
 template <class F>
-inline void convolve_from(const fft_plan& p, std::size_t s, float* base, index_t pos0, F& pointwise) {
+inline void convolve_from(const fft_plan& p, std::size_t s, float* base, index_t pos0, F& pointwise, bool padded) {
   const auto& st = p.stages();
-  const index_t len = stage_len(p, s);
-  if (s + 1 >= st.size() || fits_block(len)) {
-    forward_from(p, s, base);
-    pointwise(pos0, len, base);
-    inverse_from(p, s, base);
+  if (!p.fused(s)) {
+    forward_from(p, s, base, padded);
+    pointwise(pos0, stage_len(p, s), base);
+    inverse_from(p, s, base, padded);
     return;
   }
-  fused_pass<true>(st[s], st[s + 1], base);
-  const index_t sub = stage_len(p, s + 2);
+  plan_fused_pass<true>(p, s, base, padded);
+  const index_t step = chunk_distance(p, s, padded), sub = stage_len(p, s + 2);
   for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j)
-    convolve_from(p, s + 2, base + j * sub * fft_elem, pos0 + j * sub, pointwise);
-  fused_pass<false>(st[s], st[s + 1], base);
+    convolve_from(p, s + 2, base + j * step * fft_elem, pos0 + j * sub, pointwise, padded);
+  plan_fused_pass<false>(p, s, base, padded);
+}
+
+// Calls f(i, address) for i = 0, 1, ..., n - 1 with address = p.padded_address(i), without divisions.
+template <class F>
+inline void for_each_padded(const fft_plan& p, std::size_t s, index_t base, index_t& i, F& f) {
+  if (!p.fused(s)) {
+    for (index_t k = 0; k < stage_len(p, s); ++k) f(i++, base + k);
+    return;
+  }
+  const auto& st = p.stages();
+  for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j) for_each_padded(p, s + 2, base + j * p.chunk_stride(s), i, f);
+}
+
+template <class F>
+inline void for_each_padded(const fft_plan& p, F&& f) {
+  index_t i = 0;
+  for_each_padded(p, 0, 0, i, f);
 }
 
 }  // namespace detail
@@ -448,11 +530,11 @@ inline void convolve_from(const fft_plan& p, std::size_t s, float* base, index_t
 
 // In place, buf holds plan.size() elements in natural order; afterwards buf[pos] holds the unnormalized
 // DFT X[k] = sum_m x[m] exp(-2 pi i k m / n) at pos = plan.position_of(k).
-inline void fft_forward(const fft_plan& plan, float* buf) { detail::forward_from(plan, 0, buf); }
+inline void fft_forward(const fft_plan& plan, float* buf) { detail::forward_from(plan, 0, buf, false); }
 
 // In place, from scrambled order (as fft_forward leaves it) to natural order; unnormalized
 // (fft_inverse(fft_forward(x)) = n * x).
-inline void fft_inverse(const fft_plan& plan, float* buf) { detail::inverse_from(plan, 0, buf); }
+inline void fft_inverse(const fft_plan& plan, float* buf) { detail::inverse_from(plan, 0, buf, false); }
 
 // fft_forward, then pointwise(pos0, count, elems) on consecutive runs of scrambled positions
 // [pos0, pos0 + count) whose elements start at elems, then fft_inverse. The runs cover [0, n) once
@@ -460,20 +542,21 @@ inline void fft_inverse(const fft_plan& plan, float* buf) { detail::inverse_from
 // spectrum of a filter, the result is n times the circular convolution of the buffer with the filter.
 template <class F>
 inline void fft_convolve(const fft_plan& plan, float* buf, F&& pointwise) {
-  detail::convolve_from(plan, 0, buf, 0, pointwise);
+  detail::convolve_from(plan, 0, buf, 0, pointwise, false);
 }
 
-// fft_convolve for data that does not live in a channel-pair buffer: load(m, dst) writes element m
-// (natural order, 2 * simd::width floats) to buf, then the convolution runs in buf, then store(m, src)
-// receives element m of the result (n times the convolution); both in increasing m. Loading and
-// storing are separate sequential passes on purpose: reading strided sources inside the first
-// (25-stream) transform pass measured slower than streaming them once.
+// fft_convolve for data that does not live in a channel-pair buffer, in the plan's padded layout
+// (faster once the transform is larger than the cache: see fft_plan). buf holds plan.padded_size()
+// elements of scratch. load(m, dst) writes element m (natural order, 2 * simd::width floats) to dst;
+// then the convolution runs; then store(m, src) receives element m of the result (n times the
+// convolution). Both run over m = 0, 1, ..., n - 1 in order. Loading and storing are separate
+// sequential passes on purpose: reading strided sources inside the first transform pass (25
+// interleaved streams) measured slower than streaming them once.
 template <class Load, class F, class Store>
 inline void fft_convolve(const fft_plan& plan, float* buf, Load&& load, F&& pointwise, Store&& store) {
-  const index_t n = plan.size();
-  for (index_t m = 0; m < n; ++m) load(m, buf + m * fft_elem);
-  detail::convolve_from(plan, 0, buf, 0, pointwise);
-  for (index_t m = 0; m < n; ++m) store(m, static_cast<const float*>(buf + m * fft_elem));
+  detail::for_each_padded(plan, [&](index_t m, index_t at) { load(m, buf + at * fft_elem); });
+  detail::convolve_from(plan, 0, buf, 0, pointwise, true);
+  detail::for_each_padded(plan, [&](index_t m, index_t at) { store(m, static_cast<const float*>(buf + at * fft_elem)); });
 }
 
 // ---- real transforms in FFTW's batch layout --------------------------------------------------------
@@ -486,6 +569,13 @@ inline vec load_lanes(const float* x, index_t n) {
 }
 
 using cbatch = xsimd::batch<std::complex<float>, simd::arch>;
+
+// GCC 12 reports -Warray-bounds inside the full-vector branches below when a caller's channel count
+// is a small constant (the branch is unreachable then: n < W); the accesses are in bounds.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Warray-bounds"
+#endif
 
 // Stores lanes [0, n) of re + i im as interleaved std::complex<float> (FFTW's fftwf_complex layout).
 inline void store_complex_lanes(std::complex<float>* X, const vec& re, const vec& im, index_t n) {
@@ -517,30 +607,35 @@ inline void load_complex_lanes(const std::complex<float>* X, index_t n, bool rea
   im = vec::load_aligned(i);
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 }  // namespace detail
 
 // Forward real transforms of `channels` signals of length n = plan.size(), stored x[m * ldx + c]
 // (m < n, c < channels), into X[k * ldX + c] = sum_m x[m * ldx + c] exp(-2 pi i k m / n) for
 // k <= n / 2: FFTW's fftwf_plan_many_dft_r2c layout with istride = ostride = 1 per channel and the
-// channel as the contiguous dimension. Scratch: n * fft_elem floats (nullptr: the calling thread's).
+// channel as the contiguous dimension. Scratch: plan.padded_size() * fft_elem floats (nullptr: the
+// calling thread's).
 inline void rfft(const fft_plan& plan, const float* x, index_t ldx, index_t channels, std::complex<float>* X,
                  index_t ldX, float* scratch = nullptr) {
   using detail::W;
   const index_t n = plan.size(), half = n / 2;
-  float* buf = scratch ? scratch : thread_scratch(0, n * fft_elem);
+  float* buf = scratch ? scratch : thread_scratch(0, plan.padded_size() * fft_elem);
   for (index_t c0 = 0; c0 < channels; c0 += 2 * W) {
     const index_t na = std::min(W, channels - c0), nb = std::min(W, channels - c0 - W);
-    for (index_t m = 0; m < n; ++m) {
+    detail::for_each_padded(plan, [&](index_t m, index_t at) {
       const float* row = x + m * ldx + c0;
-      simd::store(buf + m * fft_elem, detail::load_lanes(row, na));
-      simd::store(buf + m * fft_elem + W, nb > 0 ? detail::load_lanes(row + W, nb) : detail::vec(0.f));
-    }
-    fft_forward(plan, buf);
+      simd::store(buf + at * fft_elem, detail::load_lanes(row, na));
+      simd::store(buf + at * fft_elem + W, nb > 0 ? detail::load_lanes(row + W, nb) : detail::vec(0.f));
+    });
+    detail::forward_from(plan, 0, buf, true);
     // z = a + i b with a, b real: A[k] = (Z[k] + conj Z[n-k]) / 2, B[k] = (Z[k] - conj Z[n-k]) / (2i).
     const detail::vec half_v(0.5f);
     for (index_t k = 0; k <= half; ++k) {
-      const float* zk = buf + plan.position_of(k) * fft_elem;
-      const float* zm = buf + plan.position_of(k == 0 ? 0 : n - k) * fft_elem;
+      const float* zk = buf + plan.padded_position_of(k) * fft_elem;
+      const float* zm = buf + plan.padded_position_of(k == 0 ? 0 : n - k) * fft_elem;
       const detail::vec zr = simd::load(zk), zi = simd::load(zk + W), yr = simd::load(zm), yi = simd::load(zm + W);
       std::complex<float>* row = X + k * ldX + c0;
       detail::store_complex_lanes(row, (zr + yr) * half_v, (zi - yi) * half_v, na);
@@ -549,14 +644,14 @@ inline void rfft(const fft_plan& plan, const float* x, index_t ldx, index_t chan
   }
 }
 
-// Inverse of rfft, normalized: x[m * ldx + c] = (1/n) sum_k X_c[k] exp(2 pi i k m / n) over the full
+// Inverse of rfft (same scratch), normalized: x[m * ldx + c] = (1/n) sum_k X_c[k] exp(2 pi i k m / n) over the full
 // Hermitian spectrum built from X[k * ldX + c], k <= n / 2 (the imaginary parts of X[0] and, for even
 // n, X[n/2] are ignored, as in FFTW's c2r).
 inline void irfft(const fft_plan& plan, const std::complex<float>* X, index_t ldX, index_t channels, float* x,
                   index_t ldx, float* scratch = nullptr) {
   using detail::W;
   const index_t n = plan.size(), half = n / 2;
-  float* buf = scratch ? scratch : thread_scratch(0, n * fft_elem);
+  float* buf = scratch ? scratch : thread_scratch(0, plan.padded_size() * fft_elem);
   const float inv_n = 1.f / static_cast<float>(n);
   for (index_t c0 = 0; c0 < channels; c0 += 2 * W) {
     const index_t na = std::min(W, channels - c0), nb = std::min(W, channels - c0 - W);
@@ -567,25 +662,25 @@ inline void irfft(const fft_plan& plan, const std::complex<float>* X, index_t ld
       detail::load_complex_lanes(row, na, real_only, Ar, Ai);
       if (nb > 0) detail::load_complex_lanes(row + W, nb, real_only, Br, Bi);
       // Z[k] = A[k] + i B[k]; Z[n-k] = conj(A[k]) + i conj(B[k]).
-      float* zk = buf + plan.position_of(k) * fft_elem;
+      float* zk = buf + plan.padded_position_of(k) * fft_elem;
       simd::store(zk, Ar - Bi);
       simd::store(zk + W, Ai + Br);
       if (k != 0 && 2 * k != n) {
-        float* zm = buf + plan.position_of(n - k) * fft_elem;
+        float* zm = buf + plan.padded_position_of(n - k) * fft_elem;
         simd::store(zm, Ar + Bi);
         simd::store(zm + W, Br - Ai);
       }
     }
-    fft_inverse(plan, buf);
+    detail::inverse_from(plan, 0, buf, true);
     const detail::vec s(inv_n);
-    for (index_t m = 0; m < n; ++m) {
+    detail::for_each_padded(plan, [&](index_t m, index_t at) {
       float* row = x + m * ldx + c0;
-      const detail::vec re = simd::load(buf + m * fft_elem) * s, im = simd::load(buf + m * fft_elem + W) * s;
+      const detail::vec re = simd::load(buf + at * fft_elem) * s, im = simd::load(buf + at * fft_elem + W) * s;
       if (na >= W) simd::store(row, re);
       else simd::store_tail(row, re, na);
       if (nb >= W) simd::store(row + W, im);
       else if (nb > 0) simd::store_tail(row + W, im, nb);
-    }
+    });
   }
 }
 

@@ -519,7 +519,7 @@ class renorm_solver {
   void piece(index_t o, index_t nlags, index_t nvals, index_t M, float A, index_t r0, index_t r1) {
     if (A == -std::numeric_limits<float>::infinity() || r1 <= r0) return;
     auto plan = kernels::get_fft_plan(M);
-    float* buf = kernels::thread_scratch(slot_work, M * E);
+    float* buf = kernels::thread_scratch(slot_work, plan->padded_size() * E);
     std::fill(buf, buf + M * E, 0.f);
     const float inv_m = 1.f / static_cast<float>(M);
     for (index_t m = 0; m < nlags; ++m) buf[m * E] = std::exp(l_[o + m] - A) * inv_m;
@@ -629,7 +629,7 @@ void circular_attention(tensor_view<TL, 3> logits, tensor_view<TV, 4> v, tensor_
 
     // The convolutions, one unit per (head, channel block pair).
     parallel_for(nh * blocks, 1, [&](index_t u0, index_t u1) {
-      float* work = kernels::thread_scratch(cat::slot_work, M * E);
+      float* work = kernels::thread_scratch(cat::slot_work, plan->padded_size() * E);
       for (index_t u = u0; u < u1; ++u) {
         const index_t lane = u / blocks, blk = u % blocks;
         const auto& hi = info[lane];
