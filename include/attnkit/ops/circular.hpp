@@ -37,25 +37,29 @@
 // so dividing row i by its prefix mass c_i amplifies it by (total / c_i): hopeless for early rows
 // when N is large. Rows with c_i >= tau * total (tau = 1/8) are taken from the ordinary causal
 // convolution (relative error <= 8x the FFT's). The remaining rows form a prefix [0, R) and are
-// solved by `solve(o, L)` (rows o + i', i' < L, lags o + m', values v[i' - m']), where every FFT
-// piece is scaled by the maximum logit of its own lags, all of which precede its rows:
+// solved per head by solve(o, L): rows o + i' (i' < L) from lags o + m' (m' <= i') with values
+// v[i' - m']; each FFT piece exponentiates its lags relative to their own maximum logit A, and row
+// i gets the piece times exp(A - P_i) / d_i (P_i, d_i: the row's prefix maximum and mass, in double).
 //   L <= 32: direct sums;
-//   prefix mass of the first L/2 lags >= tau * mass of all L lags: one causal piece for the accepted
-//            rows, recurse on the others (a prefix at most half as long);
-//   otherwise: a piece with lags [o, o + L/2) for rows [L/2, L) (a cyclic convolution of length >= L
-//            suffices), then solve(o, L/2) and solve(o + L/2, L - L/2).
-// Every row thus sums pieces each accurate relative to weight mass the row owns. Cost: O(N log N)
-// when the prefix mass grows steadily (random logits), O(N log^2 N) worst case (steeply increasing
-// logits); the recursion's filter spectra are single-lane FFTs, so this mode costs extra.
+//   i0 = the first row whose prefix mass reaches tau of the mass of all L lags. If i0 <= L/2: a
+//        causal piece (all L lags, linear convolution) for rows [i0, L), which own >= tau of its
+//        mass, then solve(o, i0);
+//   else: a piece with lags [o, o + L/2) for rows [L/2, L) (those lags precede the rows, so A <= P_i;
+//        a cyclic length >= L suffices), then solve(o, L/2) and solve(o + L/2, L - L/2).
+// Every row thus sums pieces, each accurate relative to weight mass the row owns. Cost: O(N log N)
+// when the prefix mass grows steadily (random logits: R is about N/8), O(N log^2 N) in the worst case
+// (steeply increasing logits); the recursion's filter spectra are single-lane FFTs, so this mode costs
+// extra.
 //
 // Precision. float, bf16 and f16 inputs are converted to float; double inputs are rounded to float
 // too (the transform is float throughout); out may be float or double. Expect a max-abs error around
 // 1e-6 of max|v| for moderate N (it grows slowly, like log M).
 //
-// Memory. No allocation proportional to N x H x D: per thread, grow-only scratch of M * 2 * simd::width
-// floats (kept between calls, kernels::fft_release_thread_scratch() frees it), plus on the calling
-// thread the group's spectra (simd::width * M * 2 floats) and O(N) temporaries; renormalize adds O(N)
-// per thread. Results are bitwise identical for any thread count (fixed work units, fixed order).
+// Memory. No allocation proportional to N x H x D: per thread, grow-only scratch of about
+// M * 2 * simd::width floats (kept between calls; kernels::fft_release_thread_scratch() frees the
+// calling thread's), plus on the calling thread the group's spectra (simd::width * M * 2 floats) and
+// O(N) temporaries; renormalize adds O(N) per thread. Example: N = 256k, causal, AVX-512: M = 512k,
+// 64 MiB per thread. Results are bitwise identical for any thread count (fixed work units, fixed order).
 //
 // out must not overlap logits or v.
 #pragma once
