@@ -353,9 +353,10 @@ inline void butterfly(cvec* x) {
 // output k by tw(k, p). Inverse (DIT): multiply input k by conj(tw(k, p)), then the inverse butterfly.
 // The inverse undoes the forward one up to a factor R.
 template <int R, bool Fwd>
-inline void butterfly_io(const float* in, index_t in_stride, float* out, index_t out_stride, index_t p, const float* tw) {
+inline void butterfly_io(const float* in, index_t in_stride, float* out, index_t out_stride, index_t p, const float* tw,
+                         index_t nonzero = R) {
   cvec y[R];
-  for (int k = 0; k < R; ++k) y[k] = ldc(in + k * in_stride * fft_elem);
+  for (int k = 0; k < R; ++k) y[k] = k < nonzero ? ldc(in + k * in_stride * fft_elem) : cvec{vec(0.f), vec(0.f)};
   const float* t = tw + 2 * (R - 1) * p;
   if constexpr (!Fwd) {
     if (p > 0)
@@ -402,16 +403,22 @@ inline void run_stage(const fft_stage& s, float* base, index_t count) {
 // Element p + k2 * b.q + k1 * a.q lives at (k1 * R2 + k2) * chunk + inner(p): chunk = b.q and
 // inner(p) = p for a contiguous array; for the padded layout chunk = plan->chunk_stride(s) and
 // inner(p) = plan->padded_address(p, s + 2) (given by inner_plan, nullptr for the identity).
+// Forward only: elements with index >= nonzero are known to be zero and are not read (their
+// storage may hold anything); the results are the same bits as with stored zeros.
 template <bool Fwd, int R1, int R2>
 inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base, index_t chunk, const fft_plan* inner_plan,
-                       std::size_t inner_stage) {
+                       std::size_t inner_stage, index_t nonzero) {
   const index_t q2 = b.q, q1 = R2 * chunk;
   alignas(64) float tile[R1 * R2 * fft_elem];  // tile[k1 * R2 + k2]
   for (index_t p = 0; p < q2; ++p) {
     float* col = base + (inner_plan ? inner_plan->padded_address(p, inner_stage) : p) * fft_elem;
     if constexpr (Fwd) {
-      for (int k2 = 0; k2 < R2; ++k2)
-        butterfly_io<R1, true>(col + k2 * chunk * fft_elem, q1, tile + k2 * fft_elem, R2, p + k2 * q2, a.tw.data());
+      for (int k2 = 0; k2 < R2; ++k2) {
+        // Element (k1, k2) has index p + k2 * q2 + k1 * a.q: the first (nonzero - ...) / a.q are read.
+        const index_t first = p + k2 * q2;
+        const index_t nz = first >= nonzero ? 0 : std::min<index_t>(R1, (nonzero - first + a.q - 1) / a.q);
+        butterfly_io<R1, true>(col + k2 * chunk * fft_elem, q1, tile + k2 * fft_elem, R2, p + k2 * q2, a.tw.data(), nz);
+      }
       for (int k1 = 0; k1 < R1; ++k1)
         butterfly_io<R2, true>(tile + k1 * R2 * fft_elem, 1, col + k1 * q1 * fft_elem, chunk, p, b.tw.data());
     } else {
@@ -425,35 +432,36 @@ inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base, inde
 
 template <bool Fwd, int R1>
 inline void fused_pass_r2(const fft_stage& a, const fft_stage& b, float* base, index_t chunk, const fft_plan* ip,
-                          std::size_t is) {
+                          std::size_t is, index_t nz) {
   switch (b.radix) {
-    case 2: return fused_pass<Fwd, R1, 2>(a, b, base, chunk, ip, is);
-    case 3: return fused_pass<Fwd, R1, 3>(a, b, base, chunk, ip, is);
-    case 4: return fused_pass<Fwd, R1, 4>(a, b, base, chunk, ip, is);
-    case 5: return fused_pass<Fwd, R1, 5>(a, b, base, chunk, ip, is);
+    case 2: return fused_pass<Fwd, R1, 2>(a, b, base, chunk, ip, is, nz);
+    case 3: return fused_pass<Fwd, R1, 3>(a, b, base, chunk, ip, is, nz);
+    case 4: return fused_pass<Fwd, R1, 4>(a, b, base, chunk, ip, is, nz);
+    case 5: return fused_pass<Fwd, R1, 5>(a, b, base, chunk, ip, is, nz);
     default: return;
   }
 }
 
 template <bool Fwd>
 inline void fused_pass(const fft_stage& a, const fft_stage& b, float* base, index_t chunk = 0,
-                       const fft_plan* inner_plan = nullptr, std::size_t inner_stage = 0) {
+                       const fft_plan* inner_plan = nullptr, std::size_t inner_stage = 0, index_t nonzero = -1) {
   if (chunk == 0) chunk = b.q;
+  if (nonzero < 0) nonzero = a.len;
   switch (a.radix) {
-    case 2: return fused_pass_r2<Fwd, 2>(a, b, base, chunk, inner_plan, inner_stage);
-    case 3: return fused_pass_r2<Fwd, 3>(a, b, base, chunk, inner_plan, inner_stage);
-    case 4: return fused_pass_r2<Fwd, 4>(a, b, base, chunk, inner_plan, inner_stage);
-    case 5: return fused_pass_r2<Fwd, 5>(a, b, base, chunk, inner_plan, inner_stage);
+    case 2: return fused_pass_r2<Fwd, 2>(a, b, base, chunk, inner_plan, inner_stage, nonzero);
+    case 3: return fused_pass_r2<Fwd, 3>(a, b, base, chunk, inner_plan, inner_stage, nonzero);
+    case 4: return fused_pass_r2<Fwd, 4>(a, b, base, chunk, inner_plan, inner_stage, nonzero);
+    case 5: return fused_pass_r2<Fwd, 5>(a, b, base, chunk, inner_plan, inner_stage, nonzero);
     default: return;
   }
 }
 
 // The fused pass of stage s of plan p on the sub-array at base, contiguous or padded layout.
 template <bool Fwd>
-inline void plan_fused_pass(const fft_plan& p, std::size_t s, float* base, bool padded) {
+inline void plan_fused_pass(const fft_plan& p, std::size_t s, float* base, bool padded, index_t nonzero = -1) {
   const auto& st = p.stages();
-  if (padded) fused_pass<Fwd>(st[s], st[s + 1], base, p.chunk_stride(s), p.fused(s + 2) ? &p : nullptr, s + 2);
-  else fused_pass<Fwd>(st[s], st[s + 1], base);
+  if (padded) fused_pass<Fwd>(st[s], st[s + 1], base, p.chunk_stride(s), p.fused(s + 2) ? &p : nullptr, s + 2, nonzero);
+  else fused_pass<Fwd>(st[s], st[s + 1], base, 0, nullptr, 0, nonzero);
 }
 
 inline index_t chunk_distance(const fft_plan& p, std::size_t s, bool padded) {
@@ -491,8 +499,10 @@ inline void inverse_from(const fft_plan& p, std::size_t s, float* base, bool pad
   plan_fused_pass<false>(p, s, base, padded);
 }
 
+// nonzero: elements >= nonzero of this sub-array are zero (only used when it starts with a fused pass).
 template <class F>
-inline void convolve_from(const fft_plan& p, std::size_t s, float* base, index_t pos0, F& pointwise, bool padded) {
+inline void convolve_from(const fft_plan& p, std::size_t s, float* base, index_t pos0, F& pointwise, bool padded,
+                          index_t nonzero = -1) {
   const auto& st = p.stages();
   if (!p.fused(s)) {
     forward_from(p, s, base, padded);
@@ -500,7 +510,7 @@ inline void convolve_from(const fft_plan& p, std::size_t s, float* base, index_t
     inverse_from(p, s, base, padded);
     return;
   }
-  plan_fused_pass<true>(p, s, base, padded);
+  plan_fused_pass<true>(p, s, base, padded, nonzero);
   const index_t step = chunk_distance(p, s, padded), sub = stage_len(p, s + 2);
   for (index_t j = 0; j < st[s].radix * st[s + 1].radix; ++j)
     convolve_from(p, s + 2, base + j * step * fft_elem, pos0 + j * sub, pointwise, padded);
@@ -552,10 +562,21 @@ inline void fft_convolve(const fft_plan& plan, float* buf, F&& pointwise) {
 // convolution). Both run over m = 0, 1, ..., n - 1 in order. Loading and storing are separate
 // sequential passes on purpose: reading strided sources inside the first transform pass (25
 // interleaved streams) measured slower than streaming them once.
+//
+// nonzero (default n): the input elements m >= nonzero are zero; load is not called for them and,
+// when the transform starts with a fused pass, they are neither written nor read (zero-padded
+// convolutions skip half their input traffic).
 template <class Load, class F, class Store>
-inline void fft_convolve(const fft_plan& plan, float* buf, Load&& load, F&& pointwise, Store&& store) {
-  detail::for_each_padded(plan, [&](index_t m, index_t at) { load(m, buf + at * fft_elem); });
-  detail::convolve_from(plan, 0, buf, 0, pointwise, true);
+inline void fft_convolve(const fft_plan& plan, float* buf, Load&& load, F&& pointwise, Store&& store,
+                         index_t nonzero = -1) {
+  const index_t n = plan.size();
+  nonzero = nonzero < 0 ? n : std::min(nonzero, n);
+  const bool skip_zeros = plan.fused(0);
+  detail::for_each_padded(plan, [&](index_t m, index_t at) {
+    if (m < nonzero) load(m, buf + at * fft_elem);
+    else if (!skip_zeros) std::fill(buf + at * fft_elem, buf + (at + 1) * fft_elem, 0.f);
+  });
+  detail::convolve_from(plan, 0, buf, 0, pointwise, true, nonzero);
   detail::for_each_padded(plan, [&](index_t m, index_t at) { store(m, static_cast<const float*>(buf + at * fft_elem)); });
 }
 

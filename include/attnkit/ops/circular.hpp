@@ -369,16 +369,19 @@ bool convolve_unit(const kernels::fft_plan& plan, float* work, const float* spec
     unpack_rows<Accumulate>(work, M, r0, r1, fold_n, factor, out, b, h, bp, row_offset);
   } else {
     const row_writer<Accumulate, TO> wr(out, b, h, bp);
-    kernels::fft_convolve(plan, work, rd, mul, [&](index_t m, const float* src) {
-      if (m < r0 || m >= r1) return;
-      vec re = simd::load(src), im = simd::load(src + W);
-      if (factor) {
-        const vec f(factor[m - r0]);
-        re *= f;
-        im *= f;
-      }
-      wr(row_offset + m, re, im);
-    });
+    kernels::fft_convolve(
+        plan, work, rd, mul,
+        [&](index_t m, const float* src) {
+          if (m < r0 || m >= r1) return;
+          vec re = simd::load(src), im = simd::load(src + W);
+          if (factor) {
+            const vec f(factor[m - r0]);
+            re *= f;
+            im *= f;
+          }
+          wr(row_offset + m, re, im);
+        },
+        rows);
   }
   return rd.saw_nonfinite();
 }
