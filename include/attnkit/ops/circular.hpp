@@ -395,7 +395,7 @@ struct head_info {
 
 // Softmax of one head's logits (as float in l[0..N)) into lane `lane` of buf, scaled by `scale`.
 // For renormalize also the per-row factor 1 / (prefix mass) of the accepted rows.
-inline head_info softmax_lane(const float* l, index_t N, bool causal_renorm, float scale, float* buf, index_t lane,
+inline head_info softmax_lane(const float* l, index_t N, bool causal_renorm, float scale, float* w,
                               float* row_factor, std::vector<float>& e, std::vector<double>& cum) {
   head_info info;
   const float inf = std::numeric_limits<float>::infinity();
@@ -408,18 +408,16 @@ inline head_info softmax_lane(const float* l, index_t N, bool causal_renorm, flo
   const float G = first_bad < N ? inf : simd::max_of(l, N);
   if (causal_renorm) {
     info.top_begin = N;
-    if (first_bad < N) {
+    if (first_bad < N || G == -inf) {
+      // A NaN / +inf logit: rows from it on are NaN, solve() gives the others. All -inf: every
+      // row's prefix is -inf and solve() leaves zeros. The group convolution is unused.
       info.solve_rows = first_bad;
-      info.poison_tail = true;
-      return info;
-    }
-    if (G == -inf) {
-      info.solve_rows = N;  // every row's prefix is -inf: solve() leaves zeros
+      info.poison_tail = first_bad < N;
+      std::fill(w, w + N, 0.f);
       return info;
     }
   } else if (first_bad < N || G == -inf) {
-    const float fill = first_bad < N ? std::numeric_limits<float>::quiet_NaN() : 0.f;
-    for (index_t j = 0; j < N; ++j) buf[j * E + lane] = fill;
+    std::fill(w, w + N, first_bad < N ? std::numeric_limits<float>::quiet_NaN() : 0.f);
     return info;
   }
   e.resize(static_cast<std::size_t>(N));
@@ -430,7 +428,7 @@ inline head_info softmax_lane(const float* l, index_t N, bool causal_renorm, flo
   double sum = 0;
   for (index_t m = 0; m < N; ++m) sum += e[m];
   const float ws = static_cast<float>(static_cast<double>(scale) / sum);
-  for (index_t m = 0; m < N; ++m) buf[m * E + lane] = e[m] * ws;
+  for (index_t m = 0; m < N; ++m) w[m] = e[m] * ws;
   if (causal_renorm) {
     cum.resize(static_cast<std::size_t>(N));
     double c = 0;
@@ -444,12 +442,32 @@ inline head_info softmax_lane(const float* l, index_t N, bool causal_renorm, flo
   return info;
 }
 
-// Forward transform of a filter buffer (lanes = filters) and extraction of lane `lane` as interleaved
-// complex scalars spec[2 pos], spec[2 pos + 1].
-inline void extract_spectrum(const float* buf, index_t M, index_t lane, float* spec) {
+// Fills a channel-pair buffer of M elements with nf <= W real filters (filter f, of length n, at
+// w + f * ldw, in lane f of the real parts; zeros elsewhere), in one sequential pass.
+inline void fill_filters(float* buf, index_t M, const float* w, index_t ldw, index_t nf, index_t n) {
+  alignas(64) float tmp[W];
+  for (index_t j = 0; j < M; ++j) {
+    if (j < n) {
+      for (index_t f = 0; f < W; ++f) tmp[f] = f < nf ? w[f * ldw + j] : 0.f;
+      simd::store(buf + j * E, vec::load_aligned(tmp));
+    } else {
+      simd::store(buf + j * E, vec(0.f));
+    }
+    simd::store(buf + j * E + W, vec(0.f));
+  }
+}
+
+// After the forward transform of fill_filters' buffer: filter f's spectrum as interleaved complex
+// scalars spec[f * 2M + 2 pos], spec[f * 2M + 2 pos + 1], in one sequential pass.
+inline void extract_spectra(const float* buf, index_t M, index_t nf, float* spec) {
+  alignas(64) float re[W], im[W];
   for (index_t pos = 0; pos < M; ++pos) {
-    spec[2 * pos] = buf[pos * E + lane];
-    spec[2 * pos + 1] = buf[pos * E + W + lane];
+    simd::load(buf + pos * E).store_aligned(re);
+    simd::load(buf + pos * E + W).store_aligned(im);
+    for (index_t f = 0; f < nf; ++f) {
+      spec[f * 2 * M + 2 * pos] = re[f];
+      spec[f * 2 * M + 2 * pos + 1] = im[f];
+    }
   }
 }
 
@@ -527,12 +545,13 @@ class renorm_solver {
     if (A == -std::numeric_limits<float>::infinity() || r1 <= r0) return;
     auto plan = kernels::get_fft_plan(M);
     float* buf = kernels::thread_scratch(slot_work, plan->padded_size() * E);
-    std::fill(buf, buf + M * E, 0.f);
     const float inv_m = 1.f / static_cast<float>(M);
-    for (index_t m = 0; m < nlags; ++m) buf[m * E] = std::exp(l_[o + m] - A) * inv_m;
+    lags_.resize(static_cast<std::size_t>(nlags));
+    for (index_t m = 0; m < nlags; ++m) lags_[m] = std::exp(l_[o + m] - A) * inv_m;
+    fill_filters(buf, M, lags_.data(), nlags, 1, nlags);
     kernels::fft_forward(*plan, buf);
     float* spec = kernels::thread_scratch(slot_piece, 2 * M);
-    extract_spectrum(buf, M, 0, spec);
+    extract_spectra(buf, M, 1, spec);
     factor_.resize(static_cast<std::size_t>(r1 - r0));
     for (index_t i = r0; i < r1; ++i) {
       const float P = P_[o + i];
@@ -582,7 +601,7 @@ class renorm_solver {
   index_t rows_, D_;
   std::vector<float> P_;
   std::vector<double> invd_;
-  std::vector<float> factor_, coef_, vals_, acc_;
+  std::vector<float> factor_, coef_, vals_, acc_, lags_;
   std::vector<bool> bad_;
 };
 
@@ -620,19 +639,20 @@ void circular_attention(tensor_view<TL, 3> logits, tensor_view<TV, 4> v, tensor_
   for (index_t g0 = 0; g0 < BH; g0 += W) {
     const index_t nh = std::min(W, BH - g0);
     // Softmax of each head into its lane, one forward transform for the group, spectra extracted.
-    float* group = kernels::thread_scratch(cat::slot_group, nh * (2 * M + (renorm ? N : 0)));
+    float* group = kernels::thread_scratch(cat::slot_group, nh * (2 * M + N + (renorm ? N : 0)));
     float* spectra = group;
-    float* factors = group + nh * 2 * M;
-    float* buf = kernels::thread_scratch(cat::slot_work, M * E);
-    std::fill(buf, buf + M * E, 0.f);
+    float* weights = group + nh * 2 * M;
+    float* factors = weights + nh * N;
     for (index_t lane = 0; lane < nh; ++lane) {
       const index_t b = (g0 + lane) / s.heads, h = (g0 + lane) % s.heads;
       cat::gather_logits(logits, b, h, N, l.data());
-      info[lane] = cat::softmax_lane(l.data(), N, renorm, 1.f / static_cast<float>(M), buf, lane,
+      info[lane] = cat::softmax_lane(l.data(), N, renorm, 1.f / static_cast<float>(M), weights + lane * N,
                                      renorm ? factors + lane * N : nullptr, e, cum);
     }
+    float* buf = kernels::thread_scratch(cat::slot_work, plan->padded_size() * E);
+    cat::fill_filters(buf, M, weights, N, nh, N);
     kernels::fft_forward(*plan, buf);
-    for (index_t lane = 0; lane < nh; ++lane) cat::extract_spectrum(buf, M, lane, spectra + lane * 2 * M);
+    cat::extract_spectra(buf, M, nh, spectra);
 
     // The convolutions, one unit per (head, channel block pair).
     parallel_for(nh * blocks, 1, [&](index_t u0, index_t u1) {
