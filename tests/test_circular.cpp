@@ -366,6 +366,10 @@ TEST_CASE("circular_attention and the reference validate every argument and leav
   tensor4<float> o_seq(B, N - 1, H, D);
   tensor4<double> od_seq(B, N - 1, H, D);
   expect(l.view, v.view, o_seq.view, od_seq.view, {"out", "(2, 5, 3, 4)", "(2, 4, 3, 4)"});
+  // An output with a broadcast (stride 0) axis.
+  const tensor_view<float, 4> o_bcast(out.buf.data(), {B, N, H, D}, {0, H * D, D, 1});
+  const tensor_view<double, 4> od_bcast(outd.buf.data(), {B, N, H, D}, {0, H * D, D, 1});
+  expect(l.view, v.view, o_bcast, od_bcast, {"out", "a non-zero stride on axis 0 (extent 2; outputs cannot broadcast)", "got stride 0"});
   // A sequence too long for the transform: stride-0 views make it without memory.
   const index_t huge = (index_t(1) << 40) + 1;
   float one = 1.f;
@@ -396,6 +400,8 @@ TEST_CASE("averaged_key_logits validates every argument and leaves logits untouc
   expect([&] { averaged_key_logits(q.view, k_empty.view, logits.view); }, {"k", "at least one key", "got 0"});
   tensor3<float> l_bad(B, Hq, Nq + 1);
   expect([&] { averaged_key_logits(q.view, k.view, l_bad.view); }, {"logits", "(batch, head, seq) = (2, 4, 3)", "(2, 4, 4)"});
+  const tensor_view<float, 3> l_bcast(logits.buf.data(), {B, Hq, Nq}, {Hq * Nq, Nq, 0});
+  expect([&] { averaged_key_logits(q.view, k.view, l_bcast); }, {"logits", "a non-zero stride on axis 2", "got stride 0"});
   expect([&] { averaged_key_logits(q.view, k.view, logits.view, finf); }, {"scale", "finite", "inf"});
   expect([&] { averaged_key_logits(q.view, k.view, logits.view, fnan); }, {"scale", "finite", "nan"});
 }

@@ -231,14 +231,16 @@ inline void fft_clear_plan_cache() {
 // ---- per-thread scratch ----------------------------------------------------------------------------
 
 // Grow-only, 64-byte aligned float buffers, one set per thread, reused across calls so that large
-// transforms do not page-fault their scratch in on every call. Slot numbers are a convention between
-// the callers (circular_attention uses 0..2). fft_release_thread_scratch() frees the calling thread's.
-class scratch_buffer {
+// transforms do not page-fault their scratch in on every call. 64-byte alignment matters: an element
+// is whole vectors, and a vector straddling two cache lines costs two accesses. Slot numbers are a
+// convention between the callers (circular_attention uses 0..2). fft_release_thread_scratch() frees
+// the calling thread's.
+class fft_scratch_buffer {
  public:
-  scratch_buffer() = default;
-  scratch_buffer(const scratch_buffer&) = delete;
-  scratch_buffer& operator=(const scratch_buffer&) = delete;
-  ~scratch_buffer() { release(); }
+  fft_scratch_buffer() = default;
+  fft_scratch_buffer(const fft_scratch_buffer&) = delete;
+  fft_scratch_buffer& operator=(const fft_scratch_buffer&) = delete;
+  ~fft_scratch_buffer() { release(); }
   float* get(index_t n) {
     if (n > cap_) {
       release();
@@ -261,17 +263,17 @@ class scratch_buffer {
 
 inline constexpr int fft_scratch_slots = 4;
 
-inline scratch_buffer* thread_scratch_buffers() {
-  thread_local scratch_buffer bufs[fft_scratch_slots];
+inline fft_scratch_buffer* fft_scratch_buffers() {
+  thread_local fft_scratch_buffer bufs[fft_scratch_slots];
   return bufs;
 }
 
 // At least n floats of the calling thread's scratch slot `slot` (contents unspecified).
-inline float* thread_scratch(int slot, index_t n) { return thread_scratch_buffers()[slot].get(n); }
+inline float* fft_thread_scratch(int slot, index_t n) { return fft_scratch_buffers()[slot].get(n); }
 
 // Frees the calling thread's scratch (the next call that needs it allocates again).
 inline void fft_release_thread_scratch() {
-  for (int s = 0; s < fft_scratch_slots; ++s) thread_scratch_buffers()[s].release();
+  for (int s = 0; s < fft_scratch_slots; ++s) fft_scratch_buffers()[s].release();
 }
 
 // ---- butterflies on complex vectors -------------------------------------------------------------------
@@ -643,7 +645,7 @@ inline void rfft(const fft_plan& plan, const float* x, index_t ldx, index_t chan
                  index_t ldX, float* scratch = nullptr) {
   using detail::W;
   const index_t n = plan.size(), half = n / 2;
-  float* buf = scratch ? scratch : thread_scratch(0, plan.padded_size() * fft_elem);
+  float* buf = scratch ? scratch : fft_thread_scratch(0, plan.padded_size() * fft_elem);
   for (index_t c0 = 0; c0 < channels; c0 += 2 * W) {
     const index_t na = std::min(W, channels - c0), nb = std::min(W, channels - c0 - W);
     detail::for_each_padded(plan, [&](index_t m, index_t at) {
@@ -672,7 +674,7 @@ inline void irfft(const fft_plan& plan, const std::complex<float>* X, index_t ld
                   index_t ldx, float* scratch = nullptr) {
   using detail::W;
   const index_t n = plan.size(), half = n / 2;
-  float* buf = scratch ? scratch : thread_scratch(0, plan.padded_size() * fft_elem);
+  float* buf = scratch ? scratch : fft_thread_scratch(0, plan.padded_size() * fft_elem);
   const float inv_n = 1.f / static_cast<float>(n);
   for (index_t c0 = 0; c0 < channels; c0 += 2 * W) {
     const index_t na = std::min(W, channels - c0), nb = std::min(W, channels - c0 - W);

@@ -96,6 +96,17 @@ void check_circular_types() {
   static_assert(is_output_element_v<TO>, "out elements must be (non-const) float or double");
 }
 
+// An output must not map two logical elements to one address: a stride of 0 on an axis of extent > 1
+// would make several (possibly concurrent) writes land on the same element.
+template <class T, std::size_t R>
+void require_output_strides(std::string_view fn, std::string_view arg, const tensor_view<T, R>& v) {
+  if (v.empty()) return;
+  for (std::size_t a = 0; a < R; ++a)
+    if (v.extent(a) > 1 && v.stride(a) == 0)
+      fail(fn, arg, concat("a non-zero stride on axis ", a, " (extent ", v.extent(a), "; outputs cannot broadcast)"),
+           "stride 0");
+}
+
 template <class TL, class TV, class TO>
 circular_shape validate_circular(std::string_view fn, const tensor_view<TL, 3>& logits, const tensor_view<TV, 4>& v,
                                  const tensor_view<TO, 4>& out) {
@@ -110,6 +121,7 @@ circular_shape validate_circular(std::string_view fn, const tensor_view<TL, 3>& 
   require_extents(fn, "out", out, {s.batch, s.seq, s.heads, s.dim}, "(batch, seq, head, dim)");
   // The transform length is < 4N and a unit's scratch is M * 2 * simd::width floats.
   require(s.seq <= (index_t(1) << 40), fn, "logits", "a sequence length <= 2^40", s.seq);
+  require_output_strides(fn, "out", out);
   return s;
 }
 
@@ -185,7 +197,7 @@ inline constexpr index_t E = kernels::fft_elem;  // floats per element of a chan
 inline constexpr double renorm_tau = 1.0 / 8;     // accepted fraction of a piece's weight mass
 inline constexpr index_t renorm_direct = 32;      // solve() sums directly at or below this length
 
-// Scratch slots of kernels::thread_scratch: the unit's transform buffer, the calling thread's group
+// Scratch slots of kernels::fft_thread_scratch: the unit's transform buffer, the calling thread's group
 // spectra, and a renormalize piece's spectrum.
 inline constexpr int slot_work = 0, slot_group = 1, slot_piece = 2;
 
@@ -544,13 +556,13 @@ class renorm_solver {
   void piece(index_t o, index_t nlags, index_t nvals, index_t M, float A, index_t r0, index_t r1) {
     if (A == -std::numeric_limits<float>::infinity() || r1 <= r0) return;
     auto plan = kernels::get_fft_plan(M);
-    float* buf = kernels::thread_scratch(slot_work, plan->padded_size() * E);
+    float* buf = kernels::fft_thread_scratch(slot_work, plan->padded_size() * E);
     const float inv_m = 1.f / static_cast<float>(M);
     lags_.resize(static_cast<std::size_t>(nlags));
     for (index_t m = 0; m < nlags; ++m) lags_[m] = std::exp(l_[o + m] - A) * inv_m;
     fill_filters(buf, M, lags_.data(), nlags, 1, nlags);
     kernels::fft_forward(*plan, buf);
-    float* spec = kernels::thread_scratch(slot_piece, 2 * M);
+    float* spec = kernels::fft_thread_scratch(slot_piece, 2 * M);
     extract_spectra(buf, M, 1, spec);
     factor_.resize(static_cast<std::size_t>(r1 - r0));
     for (index_t i = r0; i < r1; ++i) {
@@ -639,7 +651,7 @@ void circular_attention(tensor_view<TL, 3> logits, tensor_view<TV, 4> v, tensor_
   for (index_t g0 = 0; g0 < BH; g0 += W) {
     const index_t nh = std::min(W, BH - g0);
     // Softmax of each head into its lane, one forward transform for the group, spectra extracted.
-    float* group = kernels::thread_scratch(cat::slot_group, nh * (2 * M + N + (renorm ? N : 0)));
+    float* group = kernels::fft_thread_scratch(cat::slot_group, nh * (2 * M + N + (renorm ? N : 0)));
     float* spectra = group;
     float* weights = group + nh * 2 * M;
     float* factors = weights + nh * N;
@@ -649,14 +661,14 @@ void circular_attention(tensor_view<TL, 3> logits, tensor_view<TV, 4> v, tensor_
       info[lane] = cat::softmax_lane(l.data(), N, renorm, 1.f / static_cast<float>(M), weights + lane * N,
                                      renorm ? factors + lane * N : nullptr, e, cum);
     }
-    float* buf = kernels::thread_scratch(cat::slot_work, plan->padded_size() * E);
+    float* buf = kernels::fft_thread_scratch(cat::slot_work, plan->padded_size() * E);
     cat::fill_filters(buf, M, weights, N, nh, N);
     kernels::fft_forward(*plan, buf);
     cat::extract_spectra(buf, M, nh, spectra);
 
     // The convolutions, one unit per (head, channel block pair).
     parallel_for(nh * blocks, 1, [&](index_t u0, index_t u1) {
-      float* work = kernels::thread_scratch(cat::slot_work, plan->padded_size() * E);
+      float* work = kernels::fft_thread_scratch(cat::slot_work, plan->padded_size() * E);
       for (index_t u = u0; u < u1; ++u) {
         const index_t lane = u / blocks, blk = u % blocks;
         const auto& hi = info[lane];
@@ -708,6 +720,7 @@ void averaged_key_logits(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view
   detail::require(Hkv == 0 || Hq % Hkv == 0, fn, "k",
                   detail::concat("a kv head count dividing the query head count ", Hq), Hkv);
   detail::require_extents(fn, "logits", logits, {B, Hq, Nq}, "(batch, head, seq)");
+  detail::require_output_strides(fn, "logits", logits);
   detail::require(std::isfinite(scale), fn, "scale", "a finite value (0 for 1/sqrt(head_dim))", scale);
   detail::require(Nk >= 1 || B * Hq * Nq == 0, fn, "k", "at least one key (the mean of no keys is undefined)", Nk);
   if (B * Hq * Nq == 0) return;
