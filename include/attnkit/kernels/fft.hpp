@@ -24,7 +24,10 @@
 // element read and written once for both) and its radix_a * radix_b contiguous sub-arrays recurse;
 // a sub-array that fits is finished stage by stage inside the cache. fft_convolve goes further: for
 // each in-cache block it runs the remaining forward stages, the pointwise product and the first
-// inverse stages before moving on, so the spectrum never makes a round trip to memory.
+// inverse stages before moving on, so the spectrum never makes a round trip to memory. The elements
+// a fused pass touches together are a power of two apart for power-of-two lengths, i.e. in one cache
+// set; the plan's padded layout (a cache line after each chunk) spreads them, and is what
+// fft_convolve with load/store callbacks and rfft/irfft use internally.
 //
 // Twiddles are computed once per plan in double precision and stored in float; plans are cached per
 // length (thread-safe). Arithmetic is float; the result of every transform depends only on the
