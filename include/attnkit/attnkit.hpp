@@ -13,3 +13,4 @@
 #include "attnkit/ops/sparse.hpp"
 #include "attnkit/ops/block_sparse.hpp"
 #include "attnkit/ops/xattention.hpp"
+#include "attnkit/ops/circular.hpp"
