@@ -57,6 +57,33 @@ TEST_CASE("concurrent calls from 4 threads equal serial calls") {
       reference_attention(q, k, v, out, p, lse);
     });
   }
+  SECTION("sparse_attention") {
+    check_concurrent([](auto q, auto k, auto v, auto out, const attention_params& p, auto lse) {
+      sparse_pattern pat;
+      pat.window_left = 100;
+      pat.global_tokens = {3};
+      pat.random_blocks = 2;
+      pat.block_size = 32;
+      sparse_attention(q, k, v, out, pat, p, lse);
+    });
+  }
+  SECTION("block_sparse_attention with xattention_select") {
+    check_concurrent([](auto q, auto k, auto v, auto out, const attention_params& p, auto lse) {
+      xattention_params xp;
+      xp.block = 64;
+      xp.causal = p.causal;
+      block_sparse_attention(q, k, v, out, xattention_select(q, k, xp), p, lse);
+    });
+  }
+  SECTION("linear_attention (FAVOR+)") {
+    check_concurrent([](auto q, auto k, auto v, auto out, const attention_params&, auto) {
+      const auto proj = make_favor_projection(64, q.extent(3), 5);
+      linear_params lp;
+      lp.phi = feature_map::favor_positive;
+      lp.projection = proj;
+      linear_attention(q, k, v, out, lp);
+    });
+  }
   SECTION("merge_attention_states") {
     check_concurrent([](auto q, auto k, auto v, auto out, const attention_params& p, auto lse) {
       const index_t B = q.extent(0), Nq = q.extent(1), H = q.extent(2), D = v.extent(3);
