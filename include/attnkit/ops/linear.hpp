@@ -38,7 +38,7 @@
 //               i >= j); then S <- gamma^C S + sum_j gamma^(C-1-j) phi(k_j) v_j^T (GEMM) and z. Every
 //               decay exponent lies within a chunk (0 .. C): no gamma^(-i) growth on long sequences.
 //               A task walks 2 query heads chunk by chunk (adjacent heads share cache lines in the
-//               usual (batch, seq, head, dim) layout) and prefetches the next chunk's rows.
+//               usual (batch, seq, head, dim) layout) and prefetches rows two chunks ahead.
 //   recurrent   linear_attention_step appends one token to a linear_attention_state:
 //               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps),
 //               in one pass over the state.
@@ -538,7 +538,7 @@ inline void tri_acc(index_t rows, index_t N, const Acc* p, index_t ldp, const Ac
 inline constexpr index_t linear_chunk = 32;           // positions per causal chunk
 inline constexpr index_t linear_block = 64;           // keys / queries per block of the non-causal form
 inline constexpr index_t linear_head_group = 2;       // query heads per causal task, walked together
-inline constexpr index_t linear_prefetch_ahead = 32;  // causal: positions between a chunk and its prefetch
+inline constexpr index_t linear_prefetch_ahead = 64;  // causal: positions between a chunk and its prefetch
 static_assert(linear_chunk % 16 == 0, "a causal chunk is a whole number of vectors of every simd::width");
 
 template <class Acc>
