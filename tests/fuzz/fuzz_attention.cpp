@@ -1,5 +1,6 @@
 // libFuzzer target: decodes shapes, strides, element types, parameters (valid or not) and values
-// from the input bytes and calls the public entry points. Invalid input must end in attnkit::error;
+// from the input bytes and calls the public entry points (softmax: reference, flash, merge, sparse,
+// block-sparse, XAttention selection; linear; circular). Invalid input must end in attnkit::error;
 // anything else (a crash, a sanitizer report, another exception, a hang) is a bug.
 //   build: cmake -DCMAKE_CXX_COMPILER=clang++ -DATTNKIT_BUILD_FUZZ=ON ...; run: fuzz_attention -max_total_time=300 CORPUS
 #include <attnkit/attnkit.hpp>
@@ -96,6 +97,63 @@ void run_softmax(reader& r, int op) {
       fuzz_tensor<O, 3> lb(r, {B, Hq, Nq}, true);
       attnkit::merge_attention_states(out.view, lse.view, ob.view, lb.view, out.view, lse.view);
     }
+    if (op == 3) {
+      attnkit::sparse_pattern pat;
+      pat.window_left = r.below(40) - 1;
+      pat.window_right = r.below(40) - 1;
+      pat.dilation = r.below(4);
+      for (index_t g = r.below(3); g > 0; --g) pat.global_tokens.push_back(r.below(Nk + 2) - 1);
+      pat.block_size = r.below(70);
+      pat.random_blocks = r.below(4) - 1;
+      pat.seed = r.byte();
+      attnkit::sparse_attention(q.view, k.view, v.view, out.view, pat, p, lse.view);
+    }
+    if (op == 4) {
+      const index_t bq = r.below(70), bk = r.below(70);
+      const index_t nqb = bq > 0 ? (Nq + bq - 1) / bq + (r.below(16) == 0) : 1, nkb = bk > 0 ? (Nk + bk - 1) / bk : 1;
+      std::vector<std::uint8_t> grid(std::size_t(std::max<index_t>(B * Hq * nqb * nkb, 1)));
+      for (auto& g : grid) g = r.byte() & 1;
+      const attnkit::tensor_view<const std::uint8_t, 4> gv(grid.data(), {B, Hq, nqb, nkb},
+                                                           {Hq * nqb * nkb, nqb * nkb, nkb, 1});
+      attnkit::block_sparse_attention(q.view, k.view, v.view, out.view, attnkit::block_mask::from_dense(bq, bk, gv), p,
+                                      lse.view);
+    }
+    if (op == 5) {
+      attnkit::xattention_params xp;
+      xp.stride = r.below(9);
+      xp.block = xp.stride * r.below(9);
+      xp.threshold = r.value();
+      xp.causal = r.below(2);
+      (void)attnkit::xattention_select(q.view, k.view, xp);
+    }
+    if (op == 6) {
+      attnkit::linear_params lp;
+      lp.phi = attnkit::feature_map(r.below(5));
+      lp.causal = r.below(2);
+      lp.normalize = r.below(2);
+      if (r.below(4) == 0) lp.eps = r.value();
+      std::vector<float> decay(std::size_t(std::max<index_t>(Hq, 1)));
+      if (r.below(3) == 0) {
+        for (auto& x : decay) x = r.value();
+        lp.decay = decay.data();
+      }
+      std::vector<float> proj;
+      if (lp.phi == attnkit::feature_map::favor_positive || r.below(8) == 0) {
+        const index_t m = r.below(20), d = D + (r.below(8) == 0);
+        proj.resize(std::size_t(std::max<index_t>(m * d, 1)));
+        for (auto& x : proj) x = r.value();
+        lp.projection = attnkit::matrix(static_cast<const float*>(proj.data()), m, d);
+      }
+      attnkit::linear_attention(q.view, k.view, v.view, out.view, lp);
+    }
+    if (op == 7) {
+      fuzz_tensor<T, 3> logits(r, {B, Hkv + (r.below(8) == 0), Nk}, true);
+      fuzz_tensor<O, 4> o2(r, {B, Nk, Hkv, Dv + (r.below(8) == 0)}, r.below(8) == 0);
+      attnkit::circular_params cp;
+      cp.causal = r.below(2);
+      cp.renormalize = r.below(2);
+      attnkit::circular_attention(logits.view, v.view, o2.view, cp);
+    }
   } catch (const attnkit::error&) {
   }
 }
@@ -104,7 +162,7 @@ void run_softmax(reader& r, int op) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   reader r{data, size};
-  const int op = int(r.below(3));
+  const int op = int(r.below(8));
   switch (r.below(4)) {
     case 0: run_softmax<float, float>(r, op); break;
     case 1: run_softmax<attnkit::bf16, float>(r, op); break;
