@@ -230,7 +230,7 @@ TEST_CASE("bitwise identical for 1 and 2 threads") {
 #endif
 }
 
-TEST_CASE("logits of -inf are legal; NaN spreads only to the rows it reaches") {
+TEST_CASE("logits of -inf are legal, NaN spreads only to the rows it reaches") {
   const index_t N = 200, H = 3, D = 5;
   tensor3<float> l(1, H, N);
   fill_logits(l, 16, 2.f);

@@ -168,7 +168,7 @@ TEST_CASE("memory layout does not change a single bit of the output") {
     }
 }
 
-TEST_CASE("bf16 and f16 inputs match the reference on the same rounded values; double is exact to 1e-12") {
+TEST_CASE("bf16 and f16 inputs match the reference on the same rounded values, double is exact to 1e-12") {
   const index_t B = 1, N = 90, Hq = 2, Hkv = 2, D = 33, Dv = 16;
   const favor_projection proj = make_favor_projection(40, D, 5);
   const float decay[2] = {0.97f, 0.8f};
@@ -202,7 +202,7 @@ TEST_CASE("bf16 and f16 inputs match the reference on the same rounded values; d
     }
 }
 
-TEST_CASE("recurrent steps equal the causal parallel form; prefill + steps equal one pass") {
+TEST_CASE("recurrent steps equal the causal parallel form, prefill + steps equal one pass") {
   const index_t B = 2, N = 77, Hq = 4, Hkv = 2, D = 19, Dv = 21;
   const favor_projection proj = make_favor_projection(50, D, 13);
   const float decay[Hq] = {0.9f, 1.f, 0.99f, 0.7f};
@@ -297,7 +297,7 @@ TEST_CASE("outputs are bitwise identical for 1 and 2 threads") {
 #endif
 }
 
-TEST_CASE("FAVOR+ with m = 256, d = 64 approximates softmax attention; the error shrinks as m grows") {
+TEST_CASE("FAVOR+ with m = 256, d = 64 approximates softmax attention, the error shrinks as m grows") {
   // Clustered inputs: q and k are noisy copies of 8 random directions, scaled so |x'|^2 = scale |x|^2
   // = 1 (the regime FAVOR+ targets; its variance grows like exp(|q' + k'|^2)). Logits then range over
   // about [-0.3, 1], so softmax favours each query's cluster and the output differs clearly from the
@@ -404,7 +404,7 @@ TEST_CASE("make_favor_projection: orthogonal blocks, chi norms, deterministic pe
   test::require_error([] { (void)make_favor_projection(4, -1, 1); }, {"make_favor_projection", "d", "got -1"});
 }
 
-TEST_CASE("long decayed sequences stay finite and exact; FAVOR+ is stable for large logits") {
+TEST_CASE("long decayed sequences stay finite and exact, FAVOR+ is stable for large logits") {
   {
     // gamma^(-i) would overflow float after ~1000 positions at gamma = 0.9.
     const index_t N = 3000, D = 4;

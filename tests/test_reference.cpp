@@ -47,7 +47,7 @@ TEST_CASE("identical keys give the mean of the values, default scale irrelevant"
     }
 }
 
-TEST_CASE("causal row 0 returns v0; causal with Nq < Nk is bottom-right aligned") {
+TEST_CASE("causal row 0 returns v0, causal with Nq < Nk is bottom-right aligned") {
   const index_t D = 4;
   tensor4<double> k(1, 5, 1, D), v(1, 5, 1, 2);
   test::fill_value(k, 1.f);  // identical keys: output = mean of the visible values
@@ -74,7 +74,7 @@ TEST_CASE("causal row 0 returns v0; causal with Nq < Nk is bottom-right aligned"
   }
 }
 
-TEST_CASE("a window of width 0 returns the diagonal value; out-of-range rows are fully masked") {
+TEST_CASE("a window of width 0 returns the diagonal value, out-of-range rows are fully masked") {
   tensor4<double> q(1, 4, 1, 3), k(1, 3, 1, 3), v(1, 3, 1, 2), out(1, 4, 1, 2);
   test::fill_uniform(q, 6);
   test::fill_uniform(k, 7);
@@ -194,7 +194,7 @@ TEST_CASE("kv_lengths truncate each batch's keys and move the causal diagonal") 
   }
 }
 
-TEST_CASE("memory order does not change the result; bf16 inputs equal their float values") {
+TEST_CASE("memory order does not change the result, bf16 inputs equal their float values") {
   const index_t B = 2, Nq = 5, Nk = 7, H = 2, D = 6;
   for (auto l : {test::layout::bhsd, test::layout::padded, test::layout::strided}) {
     tensor4<float> q(B, Nq, H, D), k(B, Nk, H, D), v(B, Nk, H, D), out(B, Nq, H, D);

@@ -207,7 +207,7 @@ TEST_CASE("xattention_select: threshold 1 keeps every reachable block") {
     }
 }
 
-TEST_CASE("xattention_select: no future block when causal; diagonal and sink always kept") {
+TEST_CASE("xattention_select: no future block when causal, diagonal and sink always kept") {
   for (float thr : {1e-6f, 0.3f, 0.9f, 1.f})
     for (auto [nq, nk] : {std::pair<index_t, index_t>{256, 256}, {200, 333}, {333, 200}, {100, 1000}}) {
       xcase c;
