@@ -74,7 +74,7 @@ linear_params make_params(feature_map phi, bool causal, bool normalize, const fl
 
 }  // namespace
 
-TEST_CASE("identity map by hand: causal (q k^T masked) v, normalized and decayed") {
+TEST_CASE("identity map by hand: causal (q k^T masked) v plain normalized and decayed") {
   tensor4<double> q(1, 3, 1, 1), k(1, 3, 1, 1), v(1, 3, 1, 1), out(1, 3, 1, 1), ref(1, 3, 1, 1);
   const double qs[] = {1, 2, 3}, ks[] = {1, 1, 2}, vs[] = {1, 2, 3};
   for (index_t i = 0; i < 3; ++i) {
@@ -134,7 +134,7 @@ TEST_CASE("every feature map x causal x normalize x decay matches the reference"
   }
 }
 
-TEST_CASE("non-causal with Nq != Nk, batch 3, GQA 6:2 and Dv != D") {
+TEST_CASE("non-causal with Nq != Nk and batch 3 and GQA 6:2 and Dv != D") {
   const index_t B = 3, Nq = 37, Nk = 201, Hq = 6, Hkv = 2, D = 24, Dv = 40;
   const favor_projection proj = make_favor_projection(64, D, 11);
   for (feature_map phi : all_maps) {
@@ -168,7 +168,7 @@ TEST_CASE("memory layout does not change a single bit of the output") {
     }
 }
 
-TEST_CASE("bf16 and f16 inputs match the reference on the same rounded values, double is exact to 1e-12") {
+TEST_CASE("bf16 and f16 inputs match the reference on the same rounded values and double matches to 1e-12") {
   const index_t B = 1, N = 90, Hq = 2, Hkv = 2, D = 33, Dv = 16;
   const favor_projection proj = make_favor_projection(40, D, 5);
   const float decay[2] = {0.97f, 0.8f};
@@ -202,7 +202,7 @@ TEST_CASE("bf16 and f16 inputs match the reference on the same rounded values, d
     }
 }
 
-TEST_CASE("recurrent steps equal the causal parallel form, prefill + steps equal one pass") {
+TEST_CASE("recurrent steps equal the causal parallel form and so do prefill + steps") {
   const index_t B = 2, N = 77, Hq = 4, Hkv = 2, D = 19, Dv = 21;
   const favor_projection proj = make_favor_projection(50, D, 13);
   const float decay[Hq] = {0.9f, 1.f, 0.99f, 0.7f};
@@ -297,7 +297,7 @@ TEST_CASE("outputs are bitwise identical for 1 and 2 threads") {
 #endif
 }
 
-TEST_CASE("FAVOR+ with m = 256, d = 64 approximates softmax attention, the error shrinks as m grows") {
+TEST_CASE("FAVOR+ with m = 256 and d = 64 approximates softmax attention and the error shrinks as m grows") {
   // Clustered inputs: q and k are noisy copies of 8 random directions, scaled so |x'|^2 = scale |x|^2
   // = 1 (the regime FAVOR+ targets; its variance grows like exp(|q' + k'|^2)). Logits then range over
   // about [-0.3, 1], so softmax favours each query's cluster and the output differs clearly from the
@@ -372,7 +372,7 @@ TEST_CASE("FAVOR+ with m = 256, d = 64 approximates softmax attention, the error
   CHECK(e1024 < 0.7 * e64);  // 16x the features: about a quarter of the error, with room for chance
 }
 
-TEST_CASE("make_favor_projection: orthogonal blocks, chi norms, deterministic per seed") {
+TEST_CASE("make_favor_projection: orthogonal blocks with chi norms and deterministic per seed") {
   const index_t m = 100, d = 32;  // blocks of 32, 32, 32 and 4 rows
   const favor_projection a = make_favor_projection(m, d, 9), b = make_favor_projection(m, d, 9),
                          c = make_favor_projection(m, d, 10);
@@ -404,7 +404,7 @@ TEST_CASE("make_favor_projection: orthogonal blocks, chi norms, deterministic pe
   test::require_error([] { (void)make_favor_projection(4, -1, 1); }, {"make_favor_projection", "d", "got -1"});
 }
 
-TEST_CASE("long decayed sequences stay finite and exact, FAVOR+ is stable for large logits") {
+TEST_CASE("long decayed sequences stay finite and exact and FAVOR+ is stable for large logits") {
   {
     // gamma^(-i) would overflow float after ~1000 positions at gamma = 0.9.
     const index_t N = 3000, D = 4;
@@ -437,7 +437,7 @@ TEST_CASE("long decayed sequences stay finite and exact, FAVOR+ is stable for la
   }
 }
 
-TEST_CASE("empty sequences, zero denominators and NaN containment") {
+TEST_CASE("empty sequences and zero denominators and NaN containment") {
   linear_params p;
   {
     tensor4<float> q(1, 3, 1, 4), k(1, 0, 1, 4), v(1, 0, 1, 4), out(1, 3, 1, 4);
