@@ -98,11 +98,11 @@ attention_shape validate_attention(std::string_view fn, const tensor_view<TQ, 4>
   s.kv_len = k.extent(1);
   s.kv_heads = k.extent(2);
   s.value_dim = v.extent(3);
-  require(k.extent(0) == s.batch, fn, "k", concat("batch extent ", s.batch, " (as q)"), k.extent(0));
-  require(k.extent(3) == s.head_dim, fn, "k", concat("head_dim ", s.head_dim, " (as q)"), k.extent(3));
+  require(k.extent(0) == s.batch, fn, "k", text("batch extent ", s.batch, " (as q)"), k.extent(0));
+  require(k.extent(3) == s.head_dim, fn, "k", text("head_dim ", s.head_dim, " (as q)"), k.extent(3));
   require(s.q_heads == 0 || s.kv_heads >= 1, fn, "k", "at least one kv head", s.kv_heads);
   require(s.kv_heads == 0 || s.q_heads % s.kv_heads == 0, fn, "k",
-          concat("a kv head count dividing the query head count ", s.q_heads), s.kv_heads);
+          text("a kv head count dividing the query head count ", s.q_heads), s.kv_heads);
   require_extents(fn, "v", v, {s.batch, s.kv_len, s.kv_heads, s.value_dim}, "(batch, seq, head, dim)");
   require_extents(fn, "out", out, {s.batch, s.q_len, s.q_heads, s.value_dim}, "(batch, seq, head, dim)");
   require_writable(fn, "out", out);
@@ -129,12 +129,12 @@ attention_shape validate_attention(std::string_view fn, const tensor_view<TQ, 4>
   }
   if (p.alibi_slopes != nullptr)
     for (index_t h = 0; h < s.q_heads; ++h)
-      require(std::isfinite(p.alibi_slopes[h]), fn, concat("params.alibi_slopes[", h, "]"),
+      require(std::isfinite(p.alibi_slopes[h]), fn, text("params.alibi_slopes[", h, "]"),
               "a finite slope", p.alibi_slopes[h]);
   if (p.kv_lengths != nullptr)
     for (index_t b = 0; b < s.batch; ++b)
       require(p.kv_lengths[b] >= 0 && p.kv_lengths[b] <= s.kv_len, fn,
-              concat("params.kv_lengths[", b, "]"), concat("a length in [0, ", s.kv_len, "]"),
+              text("params.kv_lengths[", b, "]"), text("a length in [0, ", s.kv_len, "]"),
               p.kv_lengths[b]);
   return s;
 }

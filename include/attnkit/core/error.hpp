@@ -5,6 +5,8 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <type_traits>
 
 namespace attnkit {
 
@@ -29,11 +31,27 @@ std::string concat(const Parts&... parts) {
   throw error(concat(fn, ": ", arg, ": expected ", expected, ", got ", got));
 }
 
-// Checks `ok`; on failure throws with the expected/got description. The strings are built only on failure.
-template <class Got>
-inline void require(bool ok, std::string_view fn, std::string_view arg, std::string_view expected,
-                    const Got& got) {
-  if (!ok) fail(fn, arg, expected, concat(got));
+// Message parts kept unformatted until a check fails: text("extent(", i, ")") costs a few copies,
+// not a string, on the path where the check passes.
+template <class... Parts>
+struct lazy_text {
+  std::tuple<Parts...> parts;
+  friend std::ostream& operator<<(std::ostream& os, const lazy_text& t) {
+    std::apply([&](const auto&... p) { (os << ... << p); }, t.parts);
+    return os;
+  }
+};
+
+template <class... Parts>
+lazy_text<std::decay_t<const Parts&>...> text(const Parts&... parts) {
+  return {{parts...}};
+}
+
+// Checks `ok`; on failure throws "fn: arg: expected <expected>, got <got>". arg, expected and got
+// may be strings, numbers or text(...): they are formatted only on failure.
+template <class Arg, class Expected, class Got>
+inline void require(bool ok, std::string_view fn, const Arg& arg, const Expected& expected, const Got& got) {
+  if (!ok) fail(fn, concat(arg), concat(expected), concat(got));
 }
 
 }  // namespace detail

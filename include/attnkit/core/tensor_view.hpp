@@ -29,9 +29,9 @@ class tensor_view {
     index_t last = 0;
     bool empty_view = false;
     for (std::size_t i = 0; i < Rank; ++i) {
-      detail::require(extents_[i] >= 0, "tensor_view", detail::concat("extent(", i, ")"), "a value >= 0",
+      detail::require(extents_[i] >= 0, "tensor_view", detail::text("extent(", i, ")"), "a value >= 0",
                       extents_[i]);
-      detail::require(strides_[i] >= 0, "tensor_view", detail::concat("stride(", i, ")"), "a value >= 0",
+      detail::require(strides_[i] >= 0, "tensor_view", detail::text("stride(", i, ")"), "a value >= 0",
                       strides_[i]);
       if (extents_[i] == 0) empty_view = true;
     }
@@ -76,10 +76,10 @@ class tensor_view {
 
   // Same rank, axis restricted to [begin, end).
   tensor_view slice(std::size_t axis, index_t begin, index_t end) const {
-    detail::require(axis < Rank, "tensor_view::slice", "axis", detail::concat("< ", Rank), axis);
+    detail::require(axis < Rank, "tensor_view::slice", "axis", detail::text("< ", Rank), axis);
     detail::require(0 <= begin && begin <= end && end <= extents_[axis], "tensor_view::slice", "range",
-                    detail::concat("0 <= begin <= end <= ", extents_[axis]),
-                    detail::concat("[", begin, ", ", end, ")"));
+                    detail::text("0 <= begin <= end <= ", extents_[axis]),
+                    detail::text("[", begin, ", ", end, ")"));
     tensor_view r = *this;
     r.extents_[axis] = end - begin;
     if (end > begin) r.data_ = data_ + begin * strides_[axis];
@@ -89,9 +89,9 @@ class tensor_view {
   // Rank - 1 view with `axis` fixed at `index`.
   template <std::size_t R = Rank, std::enable_if_t<(R > 1), int> = 0>
   tensor_view<T, Rank - 1> fix(std::size_t axis, index_t index) const {
-    detail::require(axis < Rank, "tensor_view::fix", "axis", detail::concat("< ", Rank), axis);
+    detail::require(axis < Rank, "tensor_view::fix", "axis", detail::text("< ", Rank), axis);
     detail::require(0 <= index && index < extents_[axis], "tensor_view::fix", "index",
-                    detail::concat("in [0, ", extents_[axis], ")"), index);
+                    detail::text("in [0, ", extents_[axis], ")"), index);
     std::array<index_t, Rank - 1> e{}, s{};
     for (std::size_t a = 0, o = 0; a < Rank; ++a) {
       if (a == axis) continue;

@@ -41,8 +41,8 @@ namespace detail {
 template <class Kernel>
 void allow_shared_memory(std::string_view fn, Kernel* kernel, std::size_t bytes, const device_info& dev) {
   attnkit::detail::require(bytes <= static_cast<std::size_t>(dev.smem_optin), fn, "device",
-                           attnkit::detail::concat(bytes, " bytes of shared memory per block"),
-                           attnkit::detail::concat(dev.smem_optin, " bytes"));
+                           attnkit::detail::text(bytes, " bytes of shared memory per block"),
+                           attnkit::detail::text(dev.smem_optin, " bytes"));
   if (bytes > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
           fn, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");

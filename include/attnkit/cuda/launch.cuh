@@ -77,7 +77,7 @@ inline device_info current_device(std::string_view fn) {
 // The kernels use mma.sync m16n8k16 with bf16 inputs, ldmatrix and cp.async: sm_80 and newer.
 inline void require_sm80(std::string_view fn, const device_info& d) {
   attnkit::detail::require(d.cc_major >= 8, fn, "device", "a GPU of compute capability 8.0 or newer (sm_80+)",
-                           attnkit::detail::concat("compute capability ", d.cc_major, ".", d.cc_minor));
+                           attnkit::detail::text("compute capability ", d.cc_major, ".", d.cc_minor));
 }
 
 inline const char* memory_type_name(cudaMemoryType t) {

@@ -168,9 +168,9 @@ class block_mask {
   // extent of 1 accepts any b / h (broadcast).
   std::span<const block_range> active(index_t b, index_t h, index_t qb) const {
     constexpr const char* fn = "block_mask::active";
-    detail::require(batch_ == 1 || (b >= 0 && b < batch_), fn, "b", detail::concat("in [0, ", batch_, ")"), b);
-    detail::require(heads_ == 1 || (h >= 0 && h < heads_), fn, "h", detail::concat("in [0, ", heads_, ")"), h);
-    detail::require(qb >= 0 && qb < nqb_, fn, "qb", detail::concat("in [0, ", nqb_, ")"), qb);
+    detail::require(batch_ == 1 || (b >= 0 && b < batch_), fn, "b", detail::text("in [0, ", batch_, ")"), b);
+    detail::require(heads_ == 1 || (h >= 0 && h < heads_), fn, "h", detail::text("in [0, ", heads_, ")"), h);
+    detail::require(qb >= 0 && qb < nqb_, fn, "qb", detail::text("in [0, ", nqb_, ")"), qb);
     return runs_of(row_of(b, h, qb));
   }
 
@@ -217,12 +217,12 @@ class block_mask {
           row(b, h, qb, runs);
           for (const auto& r : runs) {
             detail::require(0 <= r.begin && r.begin < r.end && r.end <= k_blocks, "block_mask::build", "runs",
-                            detail::concat("non-empty runs inside [0, ", k_blocks, ")"),
+                            detail::text("non-empty runs inside [0, ", k_blocks, ")"),
                             detail::concat("[", r.begin, ", ", r.end, ")"));
             if (!m.runs_.empty() && index_t(m.runs_.size()) > m.row_start_.back()) {
               auto& last = m.runs_.back();
               detail::require(r.begin >= last.end, "block_mask::build", "runs", "sorted, disjoint runs",
-                              detail::concat("[", r.begin, ", ", r.end, ") after [", last.begin, ", ", last.end, ")"));
+                              detail::text("[", r.begin, ", ", r.end, ") after [", last.begin, ", ", last.end, ")"));
               if (r.begin == last.end) {
                 last.end = r.end;
                 stored_active += r.end - r.begin;

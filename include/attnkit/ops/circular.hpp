@@ -115,9 +115,9 @@ circular_shape validate_circular(std::string_view fn, const tensor_view<TL, 3>& 
   s.heads = logits.extent(1);
   s.seq = logits.extent(2);
   s.dim = v.extent(3);
-  require(v.extent(0) == s.batch, fn, "v", concat("batch extent ", s.batch, " (as logits)"), v.extent(0));
-  require(v.extent(1) == s.seq, fn, "v", concat("sequence length ", s.seq, " (as logits)"), v.extent(1));
-  require(v.extent(2) == s.heads, fn, "v", concat("head count ", s.heads, " (as logits)"), v.extent(2));
+  require(v.extent(0) == s.batch, fn, "v", text("batch extent ", s.batch, " (as logits)"), v.extent(0));
+  require(v.extent(1) == s.seq, fn, "v", text("sequence length ", s.seq, " (as logits)"), v.extent(1));
+  require(v.extent(2) == s.heads, fn, "v", text("head count ", s.heads, " (as logits)"), v.extent(2));
   require_extents(fn, "out", out, {s.batch, s.seq, s.heads, s.dim}, "(batch, seq, head, dim)");
   // The transform length is < 4N and a unit's scratch is M * 2 * simd::width floats.
   require(s.seq <= (index_t(1) << 40), fn, "logits", "a sequence length <= 2^40", s.seq);
@@ -714,11 +714,11 @@ void averaged_key_logits(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view
   constexpr std::string_view fn = "averaged_key_logits";
   const index_t B = q.extent(0), Nq = q.extent(1), Hq = q.extent(2), D = q.extent(3);
   const index_t Nk = k.extent(1), Hkv = k.extent(2);
-  detail::require(k.extent(0) == B, fn, "k", detail::concat("batch extent ", B, " (as q)"), k.extent(0));
-  detail::require(k.extent(3) == D, fn, "k", detail::concat("head_dim ", D, " (as q)"), k.extent(3));
+  detail::require(k.extent(0) == B, fn, "k", detail::text("batch extent ", B, " (as q)"), k.extent(0));
+  detail::require(k.extent(3) == D, fn, "k", detail::text("head_dim ", D, " (as q)"), k.extent(3));
   detail::require(Hq == 0 || Hkv >= 1, fn, "k", "at least one kv head", Hkv);
   detail::require(Hkv == 0 || Hq % Hkv == 0, fn, "k",
-                  detail::concat("a kv head count dividing the query head count ", Hq), Hkv);
+                  detail::text("a kv head count dividing the query head count ", Hq), Hkv);
   detail::require_extents(fn, "logits", logits, {B, Hq, Nq}, "(batch, head, seq)");
   detail::require_output_strides(fn, "logits", logits);
   detail::require(std::isfinite(scale), fn, "scale", "a finite value (0 for 1/sqrt(head_dim))", scale);

@@ -71,20 +71,20 @@ namespace detail {
 inline void validate_csr(std::string_view fn, std::string_view prefix, const csr_pattern& c, index_t nq,
                          index_t nk) {
   const std::string rp = concat(prefix, "row_ptr"), ci = concat(prefix, "col_idx");
-  require(c.row_ptr.size() == std::size_t(nq + 1), fn, rp, concat("size Nq + 1 = ", nq + 1), c.row_ptr.size());
-  require(c.row_ptr[0] == 0, fn, concat(rp, "[0]"), "0", c.row_ptr[0]);
-  require(c.row_ptr[std::size_t(nq)] == index_t(c.col_idx.size()), fn, concat(rp, "[", nq, "]"),
-          concat("col_idx.size() = ", c.col_idx.size()), c.row_ptr[std::size_t(nq)]);
+  require(c.row_ptr.size() == std::size_t(nq + 1), fn, rp, text("size Nq + 1 = ", nq + 1), c.row_ptr.size());
+  require(c.row_ptr[0] == 0, fn, text(rp, "[0]"), "0", c.row_ptr[0]);
+  require(c.row_ptr[std::size_t(nq)] == index_t(c.col_idx.size()), fn, text(rp, "[", nq, "]"),
+          text("col_idx.size() = ", c.col_idx.size()), c.row_ptr[std::size_t(nq)]);
   for (index_t i = 0; i < nq; ++i) {
     const index_t b = c.row_ptr[std::size_t(i)], e = c.row_ptr[std::size_t(i + 1)];
-    require(b <= e && e <= index_t(c.col_idx.size()), fn, concat(rp, "[", i + 1, "]"),
-            concat("a value in [", b, ", ", c.col_idx.size(), "] (non-decreasing)"), e);
+    require(b <= e && e <= index_t(c.col_idx.size()), fn, text(rp, "[", i + 1, "]"),
+            text("a value in [", b, ", ", c.col_idx.size(), "] (non-decreasing)"), e);
     for (index_t t = b; t < e; ++t) {
       const index_t j = c.col_idx[std::size_t(t)];
-      require(0 <= j && j < nk, fn, concat(ci, "[", t, "]"), concat("a key index in [0, ", nk, ") (row ", i, ")"), j);
+      require(0 <= j && j < nk, fn, text(ci, "[", t, "]"), text("a key index in [0, ", nk, ") (row ", i, ")"), j);
       if (t > b)
-        require(j > c.col_idx[std::size_t(t - 1)], fn, concat(ci, "[", t, "]"),
-                concat("a column greater than the previous one, ", c.col_idx[std::size_t(t - 1)], ", of row ", i,
+        require(j > c.col_idx[std::size_t(t - 1)], fn, text(ci, "[", t, "]"),
+                text("a column greater than the previous one, ", c.col_idx[std::size_t(t - 1)], ", of row ", i,
                        " (sorted, unique)"),
                 j);
     }
@@ -98,8 +98,8 @@ inline void validate_pattern(std::string_view fn, const sparse_pattern& p, index
   require(p.block_size >= 1, fn, "pattern.block_size", "a value >= 1", p.block_size);
   require(p.random_blocks >= 0, fn, "pattern.random_blocks", "a value >= 0", p.random_blocks);
   for (std::size_t t = 0; t < p.global_tokens.size(); ++t)
-    require(0 <= p.global_tokens[t] && p.global_tokens[t] < nk, fn, concat("pattern.global_tokens[", t, "]"),
-            concat("a key position in [0, ", nk, ")"), p.global_tokens[t]);
+    require(0 <= p.global_tokens[t] && p.global_tokens[t] < nk, fn, text("pattern.global_tokens[", t, "]"),
+            text("a key position in [0, ", nk, ")"), p.global_tokens[t]);
   if (p.extra) validate_csr(fn, "pattern.extra->", *p.extra, nq, nk);
 }
 

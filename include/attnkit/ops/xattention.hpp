@@ -104,14 +104,14 @@ xattn_geometry validate_xattention(std::string_view fn, const tensor_view<TQ, 4>
   g.head_dim = q.extent(3);
   g.kv_len = k.extent(1);
   g.kv_heads = k.extent(2);
-  require(k.extent(0) == g.batch, fn, "k", concat("batch extent ", g.batch, " (as q)"), k.extent(0));
-  require(k.extent(3) == g.head_dim, fn, "k", concat("head_dim ", g.head_dim, " (as q)"), k.extent(3));
+  require(k.extent(0) == g.batch, fn, "k", text("batch extent ", g.batch, " (as q)"), k.extent(0));
+  require(k.extent(3) == g.head_dim, fn, "k", text("head_dim ", g.head_dim, " (as q)"), k.extent(3));
   require(g.q_heads == 0 || g.kv_heads >= 1, fn, "k", "at least one kv head", g.kv_heads);
   require(g.kv_heads == 0 || g.q_heads % g.kv_heads == 0, fn, "k",
-          concat("a kv head count dividing the query head count ", g.q_heads), g.kv_heads);
+          text("a kv head count dividing the query head count ", g.q_heads), g.kv_heads);
   require(xp.stride >= 1, fn, "params.stride", "a value >= 1", xp.stride);
   require(xp.block >= 1, fn, "params.block", "a value >= 1", xp.block);
-  require(xp.block % xp.stride == 0, fn, "params.block", concat("a multiple of params.stride ", xp.stride), xp.block);
+  require(xp.block % xp.stride == 0, fn, "params.block", text("a multiple of params.stride ", xp.stride), xp.block);
   require(std::isfinite(xp.threshold) && xp.threshold > 0.f && xp.threshold <= 1.f, fn, "params.threshold",
           "a value in (0, 1]", xp.threshold);
   require(std::isfinite(xp.scale), fn, "params.scale", "a finite value (0 for 1/sqrt(head_dim))", xp.scale);

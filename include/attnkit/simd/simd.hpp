@@ -79,7 +79,8 @@ inline void store_tail(float* p, const vec& x, index_t n) {
 }
 
 // Hints the hardware to bring [p, p + bytes) into the caches ahead of use.
-inline void prefetch(const void* p, std::size_t bytes) {
+// Always inlined: out of line, GCC may treat the helper as side-effect free and drop its calls.
+[[gnu::always_inline]] inline void prefetch(const void* p, std::size_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
