@@ -25,7 +25,7 @@
 // How circular_attention computes. Heads are processed in groups of simd::width (batch and head
 // flattened). For a group: each head's softmax weights (max-subtracted, exp in float, sums in double)
 // fill one SIMD lane of a buffer whose forward FFT gives every head's filter spectrum at once. Then,
-// in parallel over fixed work units (one head x 2 * simd::width channels), the unit's values are
+// in parallel over fixed work units (one head x some 2 * simd::width channels), the unit's values are
 // packed into a channel-pair buffer (kernels/fft.hpp: one lane per channel, two channel blocks as the
 // real and imaginary parts), transformed, multiplied by the head's spectrum and transformed back.
 // Transform length M: N when N is 2^a 3^b 5^c and the attention is non-causal (the circular
@@ -55,11 +55,17 @@
 // too (the transform is float throughout); out may be float or double. Expect a max-abs error around
 // 1e-6 of max|v| for moderate N (it grows slowly, like log M).
 //
-// Memory. No allocation proportional to N x H x D: per thread, grow-only scratch of about
-// M * 2 * simd::width floats (kept between calls; kernels::fft_release_thread_scratch() frees the
-// calling thread's), plus on the calling thread the group's spectra (simd::width * M * 2 floats) and
-// O(N) temporaries; renormalize adds O(N) per thread. Example: N = 256k, causal, AVX-512: M = 512k,
-// 64 MiB per thread. Results are bitwise identical for any thread count (fixed work units, fixed order).
+// Work units. A unit takes as many of a head's channel block pairs as fit 32 MiB of transform buffers
+// (all of them up to N = 64k for D = 128 with AVX-512; one beyond), so that packing reads each v row
+// as one run of up to D channels: rows are H * D elements apart and, once v is out of cache, the
+// number of row visits bounds the packing speed.
+//
+// Memory. No allocation proportional to N x H x D: per thread, grow-only transform scratch of
+// max(32 MiB, M * 2 * simd::width floats) at most (kept between calls;
+// kernels::fft_release_thread_scratch() frees the calling thread's), plus on the calling thread the
+// group's spectra and weights (simd::width * 3 * M floats at most) and O(N) temporaries; renormalize
+// adds O(N) per thread. Example: N = 256k, causal, AVX-512: M = 512k, 64 MiB per thread. Results are
+// bitwise identical for any thread count (fixed work units, fixed order).
 //
 // out must not overlap logits or v.
 #pragma once
@@ -398,6 +404,63 @@ bool convolve_unit(const kernels::fft_plan& plan, float* work, const float* spec
   return rd.saw_nonfinite();
 }
 
+// The same for `count` consecutive block pairs of one head at once (first_blk, first_blk + 1, ...),
+// without folding: one pass over the rows of v reads each row's count * 2 * simd::width channels as
+// one contiguous run, which matters once v is out of cache (its rows are H * D elements apart). work
+// holds count transforms of plan.padded_size() elements. bad[k] is set when block pair k held a
+// non-finite value (read as 0).
+template <class TV, class TO>
+void convolve_head_units(const kernels::fft_plan& plan, float* work, const float* spec, const tensor_view<TV, 4>& v,
+                         const tensor_view<TO, 4>& out, index_t b, index_t h, index_t first_blk, index_t count,
+                         index_t rows, index_t r0, index_t r1, const float* factor, std::vector<char>& bad) {
+  const index_t D = v.extent(3), stride = plan.padded_size() * E;
+  std::vector<value_reader<TV>> rd;
+  std::vector<row_writer<false, TO>> wr;
+  rd.reserve(static_cast<std::size_t>(count));
+  wr.reserve(static_cast<std::size_t>(count));
+  for (index_t k = 0; k < count; ++k) {
+    const block_pair bp = make_block_pair(D, first_blk + k);
+    rd.emplace_back(v, b, h, bp, rows);
+    wr.emplace_back(out, b, h, bp);
+  }
+  const bool skip_zeros = plan.fused(0);
+  kernels::detail::for_each_padded(plan, [&](index_t m, index_t at) {
+    for (index_t k = 0; k < count; ++k) {
+      float* dst = work + k * stride + at * E;
+      if (m < rows) rd[static_cast<std::size_t>(k)](m, dst);
+      else if (!skip_zeros) std::fill(dst, dst + E, 0.f);
+    }
+  });
+  auto mul = [spec](index_t pos0, index_t n, float* elems) { multiply_spectrum(spec, pos0, n, elems); };
+  for (index_t k = 0; k < count; ++k) kernels::detail::convolve_from(plan, 0, work + k * stride, 0, mul, true, rows);
+  kernels::detail::for_each_padded(plan, [&](index_t m, index_t at) {
+    if (m < r0 || m >= r1) return;
+    const vec f(factor ? factor[m - r0] : 1.f);
+    for (index_t k = 0; k < count; ++k) {
+      const float* src = work + k * stride + at * E;
+      vec re = simd::load(src), im = simd::load(src + W);
+      if (factor) {
+        re *= f;
+        im *= f;
+      }
+      wr[static_cast<std::size_t>(k)](m, re, im);
+    }
+  });
+  bad.resize(static_cast<std::size_t>(count));
+  for (index_t k = 0; k < count; ++k) bad[static_cast<std::size_t>(k)] = rd[static_cast<std::size_t>(k)].saw_nonfinite();
+}
+
+#ifndef ATTNKIT_CAT_UNIT_BYTES
+#define ATTNKIT_CAT_UNIT_BYTES (index_t(32) << 20)
+#endif
+// Block pairs per work unit of the group convolution: all of a head's, as long as their transforms
+// fit unit_scratch_bytes per thread (at least one).
+inline constexpr index_t unit_scratch_bytes = ATTNKIT_CAT_UNIT_BYTES;
+inline index_t pairs_per_unit(const kernels::fft_plan& plan, index_t blocks) {
+  const index_t bytes = plan.padded_size() * E * static_cast<index_t>(sizeof(float));
+  return std::clamp<index_t>(unit_scratch_bytes / bytes, 1, blocks);
+}
+
 // Per-head results of the softmax phase.
 struct head_info {
   index_t top_begin = 0;   // the group convolution writes rows [top_begin, N)
@@ -644,6 +707,7 @@ void circular_attention(tensor_view<TL, 3> logits, tensor_view<TV, 4> v, tensor_
   const index_t fold = !p.causal && !direct_cyclic ? N : 0;
   const auto plan = kernels::get_fft_plan(M);
   const index_t blocks = (D + 2 * W - 1) / (2 * W);
+  const index_t per_unit = cat::pairs_per_unit(*plan, blocks), units_per_head = (blocks + per_unit - 1) / per_unit;
 
   std::vector<float> l(static_cast<std::size_t>(N)), e;
   std::vector<double> cum;
@@ -667,18 +731,29 @@ void circular_attention(tensor_view<TL, 3> logits, tensor_view<TV, 4> v, tensor_
     cat::extract_spectra(buf, M, nh, spectra);
 
     // The convolutions, one unit per (head, channel block pair).
-    parallel_for(nh * blocks, 1, [&](index_t u0, index_t u1) {
-      float* work = kernels::fft_thread_scratch(cat::slot_work, plan->padded_size() * E);
+    parallel_for(nh * units_per_head, 1, [&](index_t u0, index_t u1) {
+      float* work = kernels::fft_thread_scratch(cat::slot_work, per_unit * plan->padded_size() * E);
+      std::vector<char> bad;
       for (index_t u = u0; u < u1; ++u) {
-        const index_t lane = u / blocks, blk = u % blocks;
+        const index_t lane = u / units_per_head, blk0 = (u % units_per_head) * per_unit;
+        const index_t count = std::min(per_unit, blocks - blk0);
         const auto& hi = info[lane];
         if (hi.top_begin >= N) continue;
         const index_t b = (g0 + lane) / s.heads, h = (g0 + lane) % s.heads;
-        const cat::block_pair bp = cat::make_block_pair(D, blk);
         const float* f = renorm ? factors + lane * N + hi.top_begin : nullptr;
-        const bool bad = cat::convolve_unit<false>(*plan, work, spectra + lane * 2 * M, v, out, b, h, bp, N,
-                                                   hi.top_begin, N, fold, f, 0);
-        if (bad) cat::poison_rows(v, out, b, h, bp, N, !p.causal, hi.top_begin, N);
+        if (fold > 0) {
+          bad.assign(static_cast<std::size_t>(count), 0);
+          for (index_t k = 0; k < count; ++k)
+            bad[static_cast<std::size_t>(k)] =
+                cat::convolve_unit<false>(*plan, work, spectra + lane * 2 * M, v, out, b, h,
+                                          cat::make_block_pair(D, blk0 + k), N, hi.top_begin, N, fold, f, 0);
+        } else {
+          cat::convolve_head_units(*plan, work, spectra + lane * 2 * M, v, out, b, h, blk0, count, N, hi.top_begin, N,
+                                   f, bad);
+        }
+        for (index_t k = 0; k < count; ++k)
+          if (bad[static_cast<std::size_t>(k)])
+            cat::poison_rows(v, out, b, h, cat::make_block_pair(D, blk0 + k), N, !p.causal, hi.top_begin, N);
       }
     });
 
