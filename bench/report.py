@@ -12,8 +12,11 @@ BASELINES = ("naive_eigen", "flash_dense")
 
 
 def load(path):
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}, {}  # no benchmark of that executable matched the filter: Google Benchmark wrote nothing
     rows = {}
     for b in data.get("benchmarks", []):
         if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
