@@ -102,17 +102,6 @@ void check_circular_types() {
   static_assert(is_output_element_v<TO>, "out elements must be (non-const) float or double");
 }
 
-// An output must not map two logical elements to one address: a stride of 0 on an axis of extent > 1
-// would make several (possibly concurrent) writes land on the same element.
-template <class T, std::size_t R>
-void require_output_strides(std::string_view fn, std::string_view arg, const tensor_view<T, R>& v) {
-  if (v.empty()) return;
-  for (std::size_t a = 0; a < R; ++a)
-    if (v.extent(a) > 1 && v.stride(a) == 0)
-      fail(fn, arg, concat("a non-zero stride on axis ", a, " (extent ", v.extent(a), "; outputs cannot broadcast)"),
-           "stride 0");
-}
-
 template <class TL, class TV, class TO>
 circular_shape validate_circular(std::string_view fn, const tensor_view<TL, 3>& logits, const tensor_view<TV, 4>& v,
                                  const tensor_view<TO, 4>& out) {
@@ -127,7 +116,7 @@ circular_shape validate_circular(std::string_view fn, const tensor_view<TL, 3>& 
   require_extents(fn, "out", out, {s.batch, s.seq, s.heads, s.dim}, "(batch, seq, head, dim)");
   // The transform length is < 4N and a unit's scratch is M * 2 * simd::width floats.
   require(s.seq <= (index_t(1) << 40), fn, "logits", "a sequence length <= 2^40", s.seq);
-  require_output_strides(fn, "out", out);
+  require_writable(fn, "out", out);
   return s;
 }
 
@@ -795,7 +784,7 @@ void averaged_key_logits(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view
   detail::require(Hkv == 0 || Hq % Hkv == 0, fn, "k",
                   detail::text("a kv head count dividing the query head count ", Hq), Hkv);
   detail::require_extents(fn, "logits", logits, {B, Hq, Nq}, "(batch, head, seq)");
-  detail::require_output_strides(fn, "logits", logits);
+  detail::require_writable(fn, "logits", logits);
   detail::require(std::isfinite(scale), fn, "scale", "a finite value (0 for 1/sqrt(head_dim))", scale);
   detail::require(Nk >= 1 || B * Hq * Nq == 0, fn, "k", "at least one key (the mean of no keys is undefined)", Nk);
   if (B * Hq * Nq == 0) return;
