@@ -53,21 +53,55 @@ TEST_CASE("gemm_acc equals a plain triple loop for every remainder of rows and v
           }
 }
 
-TEST_CASE("dot_rows equals per-row dot products for every row count") {
-  auto g = test::rng(11);
+template <class T>
+void check_decode_kernels(std::uint64_t seed) {
+  auto g = test::rng(seed);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
-  for (index_t n : {simd::width, 2 * simd::width, 8 * simd::width})
-    for (index_t nr : {index_t(1), index_t(5), simd::width, simd::width + 3, 4 * simd::width}) {
-      const index_t ld = n + simd::width;
-      std::vector<float> x(static_cast<std::size_t>(n)), rows(static_cast<std::size_t>(kernels::pad_to_width(nr) * ld)),
-          out(static_cast<std::size_t>(kernels::pad_to_width(nr)));
-      for (auto& e : x) e = u(g);
-      for (auto& e : rows) e = u(g);
-      kernels::dot_rows(x.data(), rows.data(), ld, n, nr, out.data());
-      for (index_t j = 0; j < nr; ++j) {
-        double want = 0;
-        for (index_t d = 0; d < n; ++d) want += double(x[d]) * rows[j * ld + d];
-        CHECK(out[j] == Approx(want).margin(1e-5));
+  const index_t W = simd::width;
+  for (index_t n : {index_t(1), index_t(7), W, W + 3, 2 * W, 8 * W, 8 * W + 5})
+    for (index_t nr : {index_t(1), index_t(3), index_t(4), index_t(5), index_t(16)})
+      for (index_t nk : {index_t(1), index_t(2), index_t(5), index_t(32)}) {
+        const index_t np = kernels::pad_to_width(n), ks = n + 3, ldo = nk + 1;
+        std::vector<float> x(static_cast<std::size_t>(nr * np), 0.f), out(static_cast<std::size_t>(nr * ldo), -7.f);
+        std::vector<T> k(static_cast<std::size_t>(nk * ks));
+        for (index_t r = 0; r < nr; ++r)
+          for (index_t d = 0; d < n; ++d) x[r * np + d] = u(g);
+        for (auto& e : k) e = T(u(g));
+        kernels::dot_rows(x.data(), np, nr, k.data(), ks, n, nk, out.data(), ldo);
+        // accumulate_rows: o_r = alpha_r o_r + sum_j p_rj v_j, with p = the scores just computed.
+        std::vector<float> o(static_cast<std::size_t>(nr * np), 0.f), alpha(static_cast<std::size_t>(nr));
+        for (index_t r = 0; r < nr; ++r) {
+          alpha[r] = u(g);
+          for (index_t e = 0; e < n; ++e) o[r * np + e] = u(g);
+        }
+        auto o_in = o;
+        kernels::accumulate_rows(o.data(), np, nr, alpha.data(), out.data(), ldo, k.data(), ks, n, nk);
+        for (index_t r = 0; r < nr; ++r) {
+          for (index_t j = 0; j < nk; ++j) {
+            double want = 0, mag = 0;
+            for (index_t d = 0; d < n; ++d) {
+              const double t = double(x[r * np + d]) * double(convert<float>(k[j * ks + d]));
+              want += t;
+              mag += std::abs(t);
+            }
+            CHECK(std::abs(out[r * ldo + j] - want) <= 1e-6 * mag);
+          }
+          CHECK(out[r * ldo + nk] == -7.f);  // nothing written past nk
+          for (index_t e = 0; e < np; ++e) {
+            double want = double(alpha[r]) * o_in[r * np + e], mag = std::abs(want);
+            for (index_t j = 0; j < nk && e < n; ++j) {
+              const double t = double(out[r * ldo + j]) * double(convert<float>(k[j * ks + e]));
+              want += t;
+              mag += std::abs(t);
+            }
+            CHECK(std::abs(o[r * np + e] - want) <= 1e-6 * mag);
+          }
+        }
       }
-    }
+}
+
+TEST_CASE("dot_rows and accumulate_rows equal their definitions for every row, key and dim count") {
+  check_decode_kernels<float>(11);
+  check_decode_kernels<bf16>(12);
+  check_decode_kernels<f16>(13);
 }

@@ -8,12 +8,16 @@
 // blocking, so results do not depend on tile sizes.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 #include "attnkit/simd/simd.hpp"
 
 namespace attnkit::kernels {
+
+// Rounds n up to a multiple of the vector width (the padding gemm_acc needs on N).
+inline constexpr index_t pad_to_width(index_t n) { return (n + simd::width - 1) / simd::width * simd::width; }
 
 // Register block: MR rows of A broadcast against NV vectors of B. 32 vector registers (AVX-512)
 // hold 8 x 3 accumulators; 16 registers (SSE, AVX2) hold 4 x 3.
@@ -180,26 +184,127 @@ inline void gemm_bf16_set(index_t M, index_t N, index_t KP, const bf16* a, index
 }
 #endif
 
-// out[j] = dot(x, rows + j * ld) over n elements for j < pad_to_width(nr): simd::width rows at a
-// time, each with its own accumulator (independent FMA chains), summed across lanes in one
-// transposing reduction. n must be a multiple of simd::width and `rows` must hold
-// pad_to_width(nr) rows (the results beyond nr are unspecified). For few query rows against
-// many keys, where a GEMM would leave most lanes idle.
-inline void dot_rows(const float* x, const float* rows, index_t ld, index_t n, index_t nr, float* out) {
+// Few query rows against many keys (decode), where a GEMM would leave most lanes idle. Rows of x
+// are float, zero padded to a multiple of simd::width; key and value rows are read in place
+// (float, bf16 or f16, elements contiguous) and converted in registers, so a K/V row streamed
+// from memory is loaded once for all query rows of a block.
+namespace detail {
+
+// Rows clamped to the last valid one: the lanes they feed are computed and never stored.
+template <class T>
+inline const T* clamped_row(const T* base, index_t stride, index_t i, index_t n) {
+  return base + std::min(i, n - 1) * stride;
+}
+
+template <class T>
+inline simd::vec load_or_tail(const T* p, index_t avail) {
+  return avail >= simd::width ? simd::load(p) : simd::load_tail(p, avail);
+}
+
+}  // namespace detail
+
+// out[r * ldo + j] = dot(x_r, k_j) over n elements, for r < nr and j < nk, with x_r = x + r * ldx
+// (zero padded up to pad_to_width(n)) and k_j = k + j * ks. A block of dot_rows_r rows by
+// width / dot_rows_r keys keeps one accumulator per pair, summed across lanes by one transposing
+// reduction; each key vector is loaded once per block of rows.
+inline constexpr index_t dot_rows_r = simd::width >= 4 ? 4 : simd::width;
+
+template <class T>
+inline void dot_rows(const float* x, index_t ldx, index_t nr, const T* k, index_t ks, index_t n, index_t nk,
+                     float* out, index_t ldo) {
   using simd::vec;
-  constexpr index_t W = simd::width;
-  for (index_t j0 = 0; j0 < nr; j0 += W) {
-    vec acc[W];
-    for (index_t j = 0; j < W; ++j) acc[j] = vec(0.f);
-    for (index_t d = 0; d < n; d += W) {
-      const vec xv = simd::load(x + d);
-      for (index_t j = 0; j < W; ++j) acc[j] = simd::fma(xv, simd::load(rows + (j0 + j) * ld + d), acc[j]);
+  constexpr index_t W = simd::width, RB = dot_rows_r, KB = W / RB;
+  if (nr <= 0 || nk <= 0) return;
+  const index_t n_full = n / W * W;
+  for (index_t r0 = 0; r0 < nr; r0 += RB) {
+    const float* xr[RB];
+    for (index_t i = 0; i < RB; ++i) xr[i] = detail::clamped_row(x, ldx, r0 + i, nr);
+    for (index_t j0 = 0; j0 < nk; j0 += KB) {
+      const T* kj[KB];
+      for (index_t t = 0; t < KB; ++t) kj[t] = detail::clamped_row(k, ks, j0 + t, nk);
+      vec acc[W];
+      for (index_t a = 0; a < W; ++a) acc[a] = vec(0.f);
+      index_t d = 0;
+      for (; d < n_full; d += W) {
+        vec kv[KB];
+        for (index_t t = 0; t < KB; ++t) kv[t] = simd::load(kj[t] + d);
+        for (index_t i = 0; i < RB; ++i) {
+          const vec xv = simd::load(xr[i] + d);
+          for (index_t t = 0; t < KB; ++t) acc[i * KB + t] = simd::fma(xv, kv[t], acc[i * KB + t]);
+        }
+      }
+      if (d < n) {
+        vec kv[KB];
+        for (index_t t = 0; t < KB; ++t) kv[t] = simd::load_tail(kj[t] + d, n - d);
+        for (index_t i = 0; i < RB; ++i) {
+          const vec xv = simd::load(xr[i] + d);
+          for (index_t t = 0; t < KB; ++t) acc[i * KB + t] = simd::fma(xv, kv[t], acc[i * KB + t]);
+        }
+      }
+      alignas(64) float sums[W];
+      simd::hsum_rows(acc).store_aligned(sums);
+      for (index_t i = 0; i < std::min(RB, nr - r0); ++i)
+        for (index_t t = 0; t < std::min(KB, nk - j0); ++t) out[(r0 + i) * ldo + j0 + t] = sums[i * KB + t];
     }
-    simd::store(out + j0, simd::hsum_rows(acc));
   }
 }
 
-// Rounds n up to a multiple of the vector width (the padding gemm_acc needs on N).
-inline constexpr index_t pad_to_width(index_t n) { return (n + simd::width - 1) / simd::width * simd::width; }
+namespace detail {
+
+template <int NR, int CV, bool Full, class T>
+inline void accumulate_rows_block(float* o, index_t ldo, const float* alpha, const float* p, index_t ldp, const T* v,
+                                  index_t vs, index_t avail, index_t nk) {
+  using simd::vec;
+  constexpr index_t W = simd::width;
+  vec acc[NR][CV];
+  for (int i = 0; i < NR; ++i) {
+    const vec a(alpha[i]);
+    for (int c = 0; c < CV; ++c) acc[i][c] = simd::load(o + i * ldo + c * W) * a;
+  }
+  for (index_t j = 0; j < nk; ++j) {
+    const T* vj = v + j * vs;
+    vec vv[CV];
+    for (int c = 0; c < CV; ++c)
+      vv[c] = Full ? simd::load(vj + c * W) : load_or_tail(vj + c * W, std::max<index_t>(avail - c * W, 0));
+    for (int i = 0; i < NR; ++i) {
+      const vec pb(p[i * ldp + j]);
+      for (int c = 0; c < CV; ++c) acc[i][c] = simd::fma(pb, vv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int c = 0; c < CV; ++c) simd::store(o + i * ldo + c * W, acc[i][c]);
+}
+
+template <int NR, class T>
+inline void accumulate_rows_fixed(float* o, index_t ldo, const float* alpha, const float* p, index_t ldp, const T* v,
+                                  index_t vs, index_t n, index_t nk) {
+  constexpr index_t W = simd::width;
+  constexpr int CV = W >= 16 ? 4 : 2;  // NR x CV accumulators + CV values fit the register file
+  const index_t np = pad_to_width(n);
+  index_t e = 0;
+  for (; e + CV * W <= n; e += CV * W)
+    accumulate_rows_block<NR, CV, true>(o + e, ldo, alpha, p, ldp, v + e, vs, n - e, nk);
+  for (; e < np; e += W)
+    accumulate_rows_block<NR, 1, false>(o + e, ldo, alpha, p, ldp, v + e, vs, n - e, nk);
+}
+
+}  // namespace detail
+
+// o_r = alpha[r] * o_r + sum_j p[r * ldp + j] * v_j for r < nr, j < nk, where o_r = o + r * ldo
+// holds pad_to_width(n) floats (the padding stays 0 when it was) and v_j = v + j * vs holds n
+// elements. Keys run in increasing order for every element.
+template <class T>
+inline void accumulate_rows(float* o, index_t ldo, index_t nr, const float* alpha, const float* p, index_t ldp,
+                            const T* v, index_t vs, index_t n, index_t nk) {
+  index_t r = 0;
+  for (; r + 4 <= nr; r += 4) detail::accumulate_rows_fixed<4>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, v, vs, n, nk);
+  switch (nr - r) {
+    case 3: detail::accumulate_rows_fixed<3>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, v, vs, n, nk); break;
+    case 2: detail::accumulate_rows_fixed<2>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, v, vs, n, nk); break;
+    case 1: detail::accumulate_rows_fixed<1>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, v, vs, n, nk); break;
+    default: break;
+  }
+}
+
 
 }  // namespace attnkit::kernels

@@ -81,12 +81,23 @@ void prefetch_rows(const tensor_view<T, 4>& x, index_t b, index_t h, index_t k0,
   for (index_t j = k0; j < std::min(k0 + nk, end); ++j) simd::prefetch(&x(b, j, h, 0), row_bytes);
 }
 
+// Calls f(rows, row_stride) with rows [k0, k0 + nk) of head h of batch b readable with unit
+// element stride: in place when they are, else converted to float in the thread's scratch `slot`.
+template <class T, class F>
+void with_contiguous_rows(const tensor_view<T, 4>& x, index_t b, index_t k0, index_t h, index_t nk, std::size_t slot,
+                          F&& f) {
+  const index_t n = x.extent(3);
+  if (x.stride(3) == 1 || n <= 1) return f(&x(b, k0, h, 0), x.stride(1));
+  float* tile = kernels::thread_scratch<float>(slot, std::size_t(nk * n));
+  kernels::convert_tile(tile, n, &x(b, k0, h, 0), nk, n, x.stride(1), x.stride(3));
+  f(static_cast<const float*>(tile), n);
+}
+
 // Decode. Work items are (batch, chunk of decode_chunk keys) over all heads, so each item streams
-// one contiguous stretch of the KV cache (prefetched a tile ahead); inside, each kv head's K/V tile
-// is converted once into an L1-sized float tile and used by all G * Nq query rows of its GQA group
-// (row r = h * Nq + i). Chunk states are merged in chunk order. Measured on the dev machine, the
-// f16 -> float conversion stream itself tops out near 18 GB/s per core (DRAM latency, not
-// instructions), which is what bounds decode; see the README's table.
+// one contiguous stretch of the KV cache (prefetched two tiles ahead); inside, each kv head's K and
+// V rows are read in place and converted in registers (kernels::dot_rows, accumulate_rows), each
+// loaded once for all G * Nq query rows of its GQA group (row r = h * Nq + i). Chunk states are
+// merged in chunk order.
 template <class TQ, class TK, class TV, class TO, class TL>
 void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
                   const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
@@ -109,10 +120,8 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
     float* qf = kernels::thread_scratch<float>(0, std::size_t(R * Dp));
     float* sc = kernels::thread_scratch<float>(1, std::size_t(R * BK));
     float* o = kernels::thread_scratch<float>(2, std::size_t(R * Dvp));
-    float* stats = kernels::thread_scratch<float>(3, std::size_t(2 * R));
-    float* kt = kernels::thread_scratch<float>(kernels::slot_k_tile, std::size_t(BK * Dp));
-    float* vt = kernels::thread_scratch<float>(kernels::slot_v_tile, std::size_t(BK * Dvp));
-    float *m = stats, *l = stats + R;
+    float* stats = kernels::thread_scratch<float>(3, std::size_t(3 * R));
+    float *m = stats, *l = stats + R, *alpha = stats + 2 * R;
     std::vector<kernels::logit_editor<float>> eds(static_cast<std::size_t>(Hq));
     for (index_t w = w0; w < w1; ++w) {
       const index_t c = w % nc, b = w / nc;
@@ -137,8 +146,10 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
         for (index_t hk = 0; hk < Hkv; ++hk) {
           prefetch_rows(k, b, hk, k0 + 2 * BK, BK, c1);
           prefetch_rows(v, b, hk, k0 + 2 * BK, BK, c1);
-          kernels::convert_tile(kt, Dp, &k(b, k0, hk, 0), nk, s.head_dim, k.stride(1), k.stride(3));
-          for (index_t r = hk * GR; r < (hk + 1) * GR; ++r) kernels::dot_rows(qf + r * Dp, kt, Dp, Dp, nk, sc + r * BK);
+          float* sk = sc + hk * GR * BK;
+          with_contiguous_rows(k, b, k0, hk, nk, kernels::slot_k_tile, [&](const auto* rows, index_t rs) {
+            kernels::dot_rows(qf + hk * GR * Dp, Dp, GR, rows, rs, s.head_dim, nk, sk, BK);
+          });
           for (index_t h = hk * G; h < (hk + 1) * G; ++h) {
             if (cap > 0)
               for (index_t r = h * Nq; r < (h + 1) * Nq; ++r) kernels::apply_softcap(sc + r * BK, nk, cap);
@@ -148,7 +159,7 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
             float* sr = sc + r * BK;
             const float mx = std::max(m[r], simd::max_of(sr, nk));
             const float safe = kernels::safe_max(mx);
-            const float alpha = std::exp(m[r] - safe);
+            alpha[r] = std::exp(m[r] - safe);
             vec sum(0.f);
             index_t jj = 0;
             for (; jj + simd::width <= nk; jj += simd::width) {
@@ -162,12 +173,12 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
               sum += pj;
             }
             // NaN logits are skipped by max_of but not by exp: they reach l and so the output.
-            l[r] = l[r] * alpha + simd::hsum(sum);
+            l[r] = l[r] * alpha[r] + simd::hsum(sum);
             m[r] = mx;
-            simd::scale(o + r * Dvp, alpha, Dvp);
           }
-          kernels::convert_tile(vt, Dvp, &v(b, k0, hk, 0), nk, s.value_dim, v.stride(1), v.stride(3));
-          kernels::gemm_acc(GR, Dvp, nk, sc + hk * GR * BK, BK, 1, vt, Dvp, o + hk * GR * Dvp, Dvp);
+          with_contiguous_rows(v, b, k0, hk, nk, kernels::slot_v_tile, [&](const auto* rows, index_t rs) {
+            kernels::accumulate_rows(o + hk * GR * Dvp, Dvp, GR, alpha + hk * GR, sk, BK, rows, rs, s.value_dim, nk);
+          });
         }
       }
       // Normalise; write the final rows directly when there is a single chunk.
