@@ -85,6 +85,21 @@ TEST_CASE("tails, reductions, dot, axpy and max_of handle lengths below and abov
   CHECK(simd::max_of(nullptr, 0) == -std::numeric_limits<float>::infinity());
 }
 
+TEST_CASE("transpose moves lane j of row i to lane i of row j") {
+  simd::vec rows[simd::width];
+  for (index_t i = 0; i < simd::width; ++i) {
+    alignas(64) float t[simd::width];
+    for (index_t j = 0; j < simd::width; ++j) t[j] = float(i * 100 + j);
+    rows[i] = simd::vec::load_aligned(t);
+  }
+  simd::transpose(rows);
+  for (index_t j = 0; j < simd::width; ++j) {
+    alignas(64) float t[simd::width];
+    rows[j].store_aligned(t);
+    for (index_t i = 0; i < simd::width; ++i) CHECK(t[i] == float(i * 100 + j));
+  }
+}
+
 TEST_CASE("hsum_rows puts the sum of row j in lane j") {
   simd::vec rows[simd::width];
   for (index_t j = 0; j < simd::width; ++j) {

@@ -156,12 +156,28 @@ class softmax_block {
     std::fill(l_, l_ + ld_, A(0));
   }
 
-  // Q^T[d][c] = scale * q[c * row_stride + d * dim_stride]; padding columns are 0.
+  // Q^T[d][c] = scale * q[c * row_stride + d * dim_stride]; padding columns are 0. Contiguous float
+  // rows are transposed width x width in registers.
   template <class T>
   void load_queries(const T* q, index_t row_stride, index_t dim_stride, A scale) {
+    index_t c0 = 0;
+    if constexpr (std::is_same_v<A, float>) {
+      constexpr index_t W = simd::width;
+      for (; dim_stride == 1 && c0 + W <= rows_; c0 += W) {
+        index_t dd = 0;
+        for (; dd + W <= d_; dd += W) {
+          simd::vec b[W];
+          for (index_t i = 0; i < W; ++i) b[i] = simd::load(q + (c0 + i) * row_stride + dd) * simd::vec(scale);
+          simd::transpose(b);
+          for (index_t j = 0; j < W; ++j) simd::store(qt_ + (dd + j) * ld_ + c0, b[j]);
+        }
+        for (; dd < d_; ++dd)
+          for (index_t c = c0; c < c0 + W; ++c) qt_[dd * ld_ + c] = scale * convert<A>(q[c * row_stride + dd]);
+      }
+    }
     for (index_t dd = 0; dd < d_; ++dd) {
       A* row = qt_ + dd * ld_;
-      for (index_t c = 0; c < rows_; ++c) row[c] = scale * convert<A>(q[c * row_stride + dd * dim_stride]);
+      for (index_t c = c0; c < rows_; ++c) row[c] = scale * convert<A>(q[c * row_stride + dd * dim_stride]);
       for (index_t c = rows_; c < ld_; ++c) row[c] = A(0);
     }
   }
@@ -245,13 +261,30 @@ class softmax_block {
   // for c < rows. A row that saw no key (l = 0) gets 0 and -inf; NaN propagates.
   template <class TO, class TL>
   void finish(TO* out, index_t row_stride, index_t dim_stride, TL* lse, index_t lse_stride) const {
-    for (index_t c = 0; c < rows_; ++c) {
-      const A l = l_[c];
-      const bool empty = l == A(0);
-      const A inv = empty ? A(0) : A(1) / l;
-      for (index_t e = 0; e < dv_; ++e) out[c * row_stride + e * dim_stride] = TO(ot_[e * ld_ + c] * inv);
-      if (lse) lse[c * lse_stride] = empty ? -std::numeric_limits<TL>::infinity() : TL(m_[c] + std::log(l));
+    const auto inv_of = [this](index_t c) { return l_[c] == A(0) ? A(0) : A(1) / l_[c]; };
+    index_t c0 = 0;
+    if constexpr (std::is_same_v<A, float> && std::is_same_v<TO, float>) {
+      // Contiguous float rows: O^T transposed width x width in registers.
+      constexpr index_t W = simd::width;
+      for (; dim_stride == 1 && c0 + W <= rows_; c0 += W) {
+        index_t e = 0;
+        for (; e + W <= dv_; e += W) {
+          simd::vec b[W];
+          for (index_t j = 0; j < W; ++j) b[j] = simd::load(ot_ + (e + j) * ld_ + c0);
+          simd::transpose(b);
+          for (index_t i = 0; i < W; ++i) simd::store(out + (c0 + i) * row_stride + e, b[i] * simd::vec(inv_of(c0 + i)));
+        }
+        for (index_t c = c0; c < c0 + W; ++c)
+          for (index_t ee = e; ee < dv_; ++ee) out[c * row_stride + ee] = ot_[ee * ld_ + c] * inv_of(c);
+      }
     }
+    for (index_t c = c0; c < rows_; ++c) {
+      const A inv = inv_of(c);
+      for (index_t e = 0; e < dv_; ++e) out[c * row_stride + e * dim_stride] = TO(ot_[e * ld_ + c] * inv);
+    }
+    if (lse)
+      for (index_t c = 0; c < rows_; ++c)
+        lse[c * lse_stride] = l_[c] == A(0) ? -std::numeric_limits<TL>::infinity() : TL(m_[c] + std::log(l_[c]));
   }
 
   index_t ld() const { return ld_; }

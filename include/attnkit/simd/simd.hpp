@@ -117,6 +117,32 @@ inline vec hsum_rows(const vec* rows) {
 #endif
 }
 
+// In-place transpose of the width x width block held in rows[0..width): lane j of rows[i] becomes
+// lane i of rows[j]. AVX-512: log2(16) rounds of a perfect shuffle (rows i and i + 8 interleaved
+// into rows 2i and 2i + 1), each a two-source permute; elsewhere through memory.
+inline void transpose(vec* rows) {
+#if defined(__AVX512F__)
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int round = 0; round < 4; ++round) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_permutex2var_ps(rows[i], lo, rows[i + 8]);
+      t[2 * i + 1] = _mm512_permutex2var_ps(rows[i], hi, rows[i + 8]);
+    }
+    for (int i = 0; i < 16; ++i) rows[i] = vec(t[i]);
+  }
+#else
+  alignas(64) float t[width * width];
+  for (index_t i = 0; i < width; ++i) rows[i].store_aligned(t + i * width);
+  for (index_t i = 0; i < width; ++i) {
+    alignas(64) float c[width];
+    for (index_t j = 0; j < width; ++j) c[j] = t[j * width + i];
+    rows[i] = vec::load_aligned(c);
+  }
+#endif
+}
+
 inline float hmax(const vec& x) {
   alignas(64) float tmp[width];
   x.store_aligned(tmp);
