@@ -90,7 +90,7 @@ class kv_tile {
     base_ = &x_(b, k0, 0, 0);
     const std::ptrdiff_t n = dense_span(b, k0, nk);
     if (n == 0) return;
-    T* stage = kernels::thread_scratch<T>(stage_slot_, std::size_t(n));
+    auto* stage = kernels::thread_scratch<std::remove_const_t<T>>(stage_slot_, std::size_t(n));
     std::copy_n(base_, n, stage);
     base_ = stage;
   }
