@@ -143,7 +143,21 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
   const index_t G = s.group(), Nq = s.q_len, Hq = s.q_heads, Hkv = s.kv_heads;
   const index_t R = Hq * Nq, GR = G * Nq;  // rows per item, rows per kv head
   const index_t Dp = kernels::pad_to_width(s.head_dim), Dvp = kernels::pad_to_width(s.value_dim);
-  const index_t nc = std::max<index_t>(1, (s.kv_len + C - 1) / C);
+  // Chunks tile only the keys some row of some batch may see ([k_begin, k_end)): with a KV cache of
+  // capacity Nk holding kv_lengths[b] keys, or a window, the rest is never split or merged.
+  index_t k_begin = s.kv_len, k_end = 0;
+  for (index_t b = 0; b < s.batch; ++b) {
+    const auto ed = kernels::make_editor<float>(p, bias, s, b, 0);
+    index_t lo0, hi0, lo1, hi1;
+    ed.key_range(0, lo0, hi0);
+    ed.key_range(Nq - 1, lo1, hi1);
+    if (lo0 < hi1) {
+      k_begin = std::min(k_begin, lo0);
+      k_end = std::max(k_end, hi1);
+    }
+  }
+  if (k_end <= k_begin) k_begin = k_end = 0;
+  const index_t nc = std::max<index_t>(1, (k_end - k_begin + C - 1) / C);
   const index_t items = s.batch * nc;
   // Partial states per (item, row): normalised output (Dv) and lse. Only allocated when split.
   std::vector<float> part_o(nc > 1 ? std::size_t(items * R * s.value_dim) : 0);
@@ -165,7 +179,7 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
       index_t lo0, hi0, lo1, hi1;
       eds[0].key_range(0, lo0, hi0);
       eds[0].key_range(Nq - 1, lo1, hi1);
-      const index_t c0 = std::max(lo0, c * C), c1 = std::min(hi1, (c + 1) * C);
+      const index_t c0 = std::max(lo0, k_begin + c * C), c1 = std::min(hi1, k_begin + (c + 1) * C);
       for (index_t h = 0; h < Hq; ++h)
         for (index_t i = 0; i < Nq; ++i) {
           float* qr = qf + (h * Nq + i) * Dp;
