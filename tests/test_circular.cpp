@@ -1,12 +1,8 @@
 // circular_attention (CAT) against reference_circular_attention (double), averaged_key_logits against
 // a direct computation, and the input checks.
 //
-// Tolerances. circular_attention computes in float through FFTs whose error is absolute, relative to
-// the values' scale: outputs are convex combinations of v (|v| <= 1 here), so errors are measured as
-// max |got - reference| over all outputs, required <= 2e-6 (observed: about 1e-7 to 8e-7, growing
-// slowly with N). bf16/f16/double inputs are compared against the reference run on the same values
-// (converted exactly to double), so the same bound applies.
-#include "test_util.hpp"
+// Tolerances and the shared helpers: tests/circular_cases.hpp.
+#include "circular_cases.hpp"
 
 #include <cstring>
 
@@ -16,23 +12,13 @@ using test::tensor4;
 
 namespace {
 
-constexpr double tol = 2e-6;
+constexpr double tol = test::circular_tol;
 const float finf = std::numeric_limits<float>::infinity();
 const float fnan = std::numeric_limits<float>::quiet_NaN();
-
-template <class T>
-void fill_logits(tensor3<T>& l, std::uint64_t seed, float amplitude) {
-  auto g = test::rng(seed);
-  std::uniform_real_distribution<float> u(-amplitude, amplitude);
-  for (auto& x : l.buf) x = T(u(g));
-}
-
-circular_params mode_params(int mode) {
-  circular_params p;
-  p.causal = mode >= 1;
-  p.renormalize = mode == 2;
-  return p;
-}
+using test::fill_logits;
+using test::mode_name;
+using test::mode_params;
+using test::run_and_compare;
 
 // The message of the attnkit::error that f throws ("" when it throws none).
 template <class F>
@@ -43,20 +29,6 @@ std::string error_message(F&& f) {
     return e.what();
   }
   return "";
-}
-
-const char* mode_name(int mode) { return mode == 0 ? "non-causal" : mode == 1 ? "causal" : "causal+renormalize"; }
-
-// Runs both operators on (logits, v) and returns the comparison.
-template <class TL, class TV>
-test::error_stats run_and_compare(const tensor_view<TL, 3>& logits, const tensor_view<TV, 4>& v,
-                                  const circular_params& p) {
-  const index_t B = v.extent(0), N = v.extent(1), H = v.extent(2), D = v.extent(3);
-  tensor4<float> out(B, N, H, D);
-  tensor4<double> ref(B, N, H, D);
-  circular_attention(logits, v, out.view, p);
-  reference_circular_attention(logits, v, ref.view, p);
-  return test::compare(out.view, ref.view);
 }
 
 }  // namespace
