@@ -233,6 +233,33 @@ TEST_CASE("logits of -inf are legal, NaN spreads only to the rows it reaches") {
   }
 }
 
+TEST_CASE("causal+renormalize: a NaN value poisons rows from its position on, except rows whose prefix is all -inf") {
+  // Rows whose logits prefix is all -inf are 0 by definition; later rows reach the NaN also through
+  // lags of weight 0 (0 * NaN). Found by test_differential: the direct sums poisoned the all -inf
+  // prefix, and a piece skipped for having no weight hid the NaN from the rows after it.
+  struct scenario {
+    index_t N, masked, nan_at;  // logits [0, masked) are -inf, v[nan_at] channel 1 is NaN
+  };
+  for (const scenario sc : {scenario{20, 20, 6}, scenario{71, 43, 5}, scenario{143, 125, 93}, scenario{223, 164, 170}}) {
+    INFO("N = " << sc.N << ", -inf logits [0, " << sc.masked << "), NaN value at " << sc.nan_at);
+    tensor3<float> l(1, 1, sc.N);
+    fill_logits(l, 50, 3.f);
+    for (index_t j = 0; j < sc.masked; ++j) l.view(0, 0, j) = -finf;
+    tensor4<float> v(1, sc.N, 1, 2), out(1, sc.N, 1, 2);
+    test::fill_uniform(v, 51);
+    v(0, sc.nan_at, 0, 1) = fnan;
+    const auto e = run_and_compare(l.view, v.view, mode_params(2));
+    CHECK_FALSE(e.mismatched_nonfinite);
+    CHECK(e.max_abs <= tol);
+    circular_attention(l.view, v.view, out.view, mode_params(2));
+    for (index_t i = 0; i < sc.N; ++i) {
+      INFO("row " << i);
+      CHECK(std::isnan(out(0, i, 0, 1)) == (i >= std::max(sc.masked, sc.nan_at)));
+      CHECK(std::isfinite(out(0, i, 0, 0)));
+    }
+  }
+}
+
 TEST_CASE("empty extents are a no-op") {
   tensor3<float> l0(2, 3, 0);
   tensor4<float> v0(2, 0, 3, 4), o0(2, 0, 3, 4);
