@@ -465,7 +465,17 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
       }
       return;
     case feature_map::cosine: {
-      const Acc sq = vdot(x, x, n);
+      Acc sq = vdot(x, x, n);
+      if (sq < std::numeric_limits<Acc>::min() || sq > std::numeric_limits<Acc>::max()) {
+        // |x|^2 underflows (|x| below ~1e-19 in float, subnormal rows) or overflows (above ~1e19):
+        // x / |x| does not depend on the scale, so divide by the largest |x_i| first.
+        Acc m = 0;
+        for (index_t i = 0; i < n; ++i) m = std::max(m, std::abs(x[i]));
+        if (m > 0 && m <= std::numeric_limits<Acc>::max()) {
+          for (index_t i = 0; i < n; ++i) x[i] /= m;
+          sq = vdot(x, x, n);
+        }
+      }
       vscale(x, sq == 0 ? Acc(0) : Acc(1) / std::sqrt(sq), n);
       return;
     }
