@@ -208,6 +208,11 @@ struct linear_attention_state {
     detail::require(heads >= 0, fn, "heads", "a value >= 0", heads);
     detail::require(features >= 0, fn, "features", "a value >= 0", features);
     detail::require(value_dim >= 0, fn, "value_dim", "a value >= 0", value_dim);
+    index_t count = 0;  // the storage's element count, computed without wrapping
+    const bool overflow = __builtin_mul_overflow(batch, heads, &count) || __builtin_mul_overflow(count, features, &count) ||
+                          __builtin_mul_overflow(count, value_dim, &count);
+    detail::require(!overflow, fn, "batch * heads * features * value_dim", "an element count that fits in index_t",
+                    "an overflowing product");
     s.resize(static_cast<std::size_t>(batch * heads * features * value_dim));
     z.resize(static_cast<std::size_t>(batch * heads * features));
     key_max.resize(static_cast<std::size_t>(batch * heads));
