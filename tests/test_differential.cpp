@@ -1,8 +1,9 @@
 // Randomized differential testing: seeded random shapes, memory layouts, element types and
 // parameters, every operator against its reference at the tolerance its own tests document
 // (softmax operators: flash_cases.hpp / test_flash; linear: linear_cases.hpp; circular:
-// circular_cases.hpp). A failing case prints a one-line reproducer. ATTNKIT_DIFF_CASES (default 1500) and ATTNKIT_DIFF_SEED (default
-// 20261123) change the run; the `differential_long` build target runs 100000 cases.
+// circular_cases.hpp). A failing case prints a one-line reproducer. ATTNKIT_DIFF_CASES (default
+// 3000) and ATTNKIT_DIFF_SEED (default 20261123) change the run; the `differential_long` build
+// target runs 100000 cases.
 #include "block_sparse_cases.hpp"
 #include "circular_cases.hpp"
 #include "linear_cases.hpp"
@@ -351,7 +352,7 @@ outcome circular_outcome(dtype t, const attn_case& c) {
 }  // namespace
 
 TEST_CASE("differential: random problems against the references") {
-  const std::uint64_t cases = env_or("ATTNKIT_DIFF_CASES", 1500), seed0 = env_or("ATTNKIT_DIFF_SEED", 20261123);
+  const std::uint64_t cases = env_or("ATTNKIT_DIFF_CASES", 3000), seed0 = env_or("ATTNKIT_DIFF_SEED", 20261123);
   const std::vector<diff_operator> ops{
       {"flash_attention", [](dtype t, const attn_case& c) { return softmax_outcome(t, c, run_typed(t, c, flash_op)); }},
       {"sparse_attention", [](dtype t, const attn_case& c) { return softmax_outcome(t, c, run_sparse(t, c, c.seed)); }},
