@@ -11,6 +11,7 @@ struct attn_case {
   attention_params p{};
   layout lay = layout::bshd;
   float q_amp = 1.f, k_amp = 1.f, v_amp = 1.f;
+  float tiny = 0.f;  // > 0: every third element of q, k and v is also multiplied by it (1e-39f: subnormals among normals)
   std::uint64_t seed = 1;
   std::vector<float> bias_data{};   // when non-empty, p.bias is built over it with `bias_extents`
   std::array<index_t, 4> bias_extents{};
@@ -49,6 +50,11 @@ attn_result run_against_reference(attn_case c, Op&& op, Allowed&& allowed = {}) 
   fill_uniform(q, c.seed * 3 + 1, c.q_amp);
   fill_uniform(k, c.seed * 3 + 2, c.k_amp);
   fill_uniform(v, c.seed * 3 + 3, c.v_amp);
+  if (c.tiny > 0) {
+    scale_every(q, 3, c.tiny);
+    scale_every(k, 3, c.tiny);
+    scale_every(v, 3, c.tiny);
+  }
   if (!c.bias_data.empty()) {
     const auto& e = c.bias_extents;
     c.p.bias = tensor_view<const float, 4>(c.bias_data.data(), e, {e[1] * e[2] * e[3], e[2] * e[3], e[3], 1});

@@ -1,12 +1,8 @@
 // circular_attention (CAT) against reference_circular_attention (double), averaged_key_logits against
 // a direct computation, and the input checks.
 //
-// Tolerances. circular_attention computes in float through FFTs whose error is absolute, relative to
-// the values' scale: outputs are convex combinations of v (|v| <= 1 here), so errors are measured as
-// max |got - reference| over all outputs, required <= 2e-6 (observed: about 1e-7 to 8e-7, growing
-// slowly with N). bf16/f16/double inputs are compared against the reference run on the same values
-// (converted exactly to double), so the same bound applies.
-#include "test_util.hpp"
+// Tolerances and the shared helpers: tests/circular_cases.hpp.
+#include "circular_cases.hpp"
 
 #include <cstring>
 
@@ -16,23 +12,13 @@ using test::tensor4;
 
 namespace {
 
-constexpr double tol = 2e-6;
+constexpr double tol = test::circular_tol;
 const float finf = std::numeric_limits<float>::infinity();
 const float fnan = std::numeric_limits<float>::quiet_NaN();
-
-template <class T>
-void fill_logits(tensor3<T>& l, std::uint64_t seed, float amplitude) {
-  auto g = test::rng(seed);
-  std::uniform_real_distribution<float> u(-amplitude, amplitude);
-  for (auto& x : l.buf) x = T(u(g));
-}
-
-circular_params mode_params(int mode) {
-  circular_params p;
-  p.causal = mode >= 1;
-  p.renormalize = mode == 2;
-  return p;
-}
+using test::fill_logits;
+using test::mode_name;
+using test::mode_params;
+using test::run_and_compare;
 
 // The message of the attnkit::error that f throws ("" when it throws none).
 template <class F>
@@ -43,20 +29,6 @@ std::string error_message(F&& f) {
     return e.what();
   }
   return "";
-}
-
-const char* mode_name(int mode) { return mode == 0 ? "non-causal" : mode == 1 ? "causal" : "causal+renormalize"; }
-
-// Runs both operators on (logits, v) and returns the comparison.
-template <class TL, class TV>
-test::error_stats run_and_compare(const tensor_view<TL, 3>& logits, const tensor_view<TV, 4>& v,
-                                  const circular_params& p) {
-  const index_t B = v.extent(0), N = v.extent(1), H = v.extent(2), D = v.extent(3);
-  tensor4<float> out(B, N, H, D);
-  tensor4<double> ref(B, N, H, D);
-  circular_attention(logits, v, out.view, p);
-  reference_circular_attention(logits, v, ref.view, p);
-  return test::compare(out.view, ref.view);
 }
 
 }  // namespace
@@ -258,6 +230,33 @@ TEST_CASE("logits of -inf are legal, NaN spreads only to the rows it reaches") {
     // Head 2: NaN everywhere, except rows before the NaN logit under renormalize.
     CHECK(std::isnan(out(0, 150, 2, 0)));
     CHECK(std::isnan(out(0, 149, 2, 0)) == (mode != 2));
+  }
+}
+
+TEST_CASE("causal+renormalize: a NaN value poisons rows from its position on, except rows whose prefix is all -inf") {
+  // Rows whose logits prefix is all -inf are 0 by definition; later rows reach the NaN also through
+  // lags of weight 0 (0 * NaN). Found by test_differential: the direct sums poisoned the all -inf
+  // prefix, and a piece skipped for having no weight hid the NaN from the rows after it.
+  struct scenario {
+    index_t N, masked, nan_at;  // logits [0, masked) are -inf, v[nan_at] channel 1 is NaN
+  };
+  for (const scenario sc : {scenario{20, 20, 6}, scenario{71, 43, 5}, scenario{143, 125, 93}, scenario{223, 164, 170}}) {
+    INFO("N = " << sc.N << ", -inf logits [0, " << sc.masked << "), NaN value at " << sc.nan_at);
+    tensor3<float> l(1, 1, sc.N);
+    fill_logits(l, 50, 3.f);
+    for (index_t j = 0; j < sc.masked; ++j) l.view(0, 0, j) = -finf;
+    tensor4<float> v(1, sc.N, 1, 2), out(1, sc.N, 1, 2);
+    test::fill_uniform(v, 51);
+    v(0, sc.nan_at, 0, 1) = fnan;
+    const auto e = run_and_compare(l.view, v.view, mode_params(2));
+    CHECK_FALSE(e.mismatched_nonfinite);
+    CHECK(e.max_abs <= tol);
+    circular_attention(l.view, v.view, out.view, mode_params(2));
+    for (index_t i = 0; i < sc.N; ++i) {
+      INFO("row " << i);
+      CHECK(std::isnan(out(0, i, 0, 1)) == (i >= std::max(sc.masked, sc.nan_at)));
+      CHECK(std::isfinite(out(0, i, 0, 0)));
+    }
   }
 }
 

@@ -37,10 +37,12 @@ template <class Op>
 void check_concurrent(Op op) {
   std::vector<problem> ps;
   for (int t = 0; t < 4; ++t) ps.emplace_back(t % 2 ? 3 : 90, std::uint64_t(10 * t + 1));
-  for (auto& p : ps) p.run(op, true);
+  // Concurrent calls first, so that they also race on whatever an operator initialises on first use
+  // (FFT plan cache, per-thread scratch); the serial calls then give the expected bits.
   std::vector<std::thread> threads;
   for (auto& p : ps) threads.emplace_back([&p, op] { p.run(op, false); });
   for (auto& t : threads) t.join();
+  for (auto& p : ps) p.run(op, true);
   for (const auto& p : ps) CHECK(p.same());
 }
 
@@ -83,6 +85,32 @@ TEST_CASE("concurrent calls from 4 threads equal serial calls") {
       lp.projection = proj;
       linear_attention(q, k, v, out, lp);
     });
+  }
+  SECTION("linear_attention (causal, decayed, continuing a state) and linear_attention_step") {
+    // Causal linear attention needs Nq == Nk: q serves as keys and values too.
+    check_concurrent([](auto q, auto, auto, auto out, const attention_params&, auto) {
+      const index_t B = q.extent(0), N = q.extent(1), H = q.extent(2), D = q.extent(3);
+      const float decay[4] = {0.9f, 1.f, 0.99f, 0.5f};
+      linear_params lp;
+      lp.causal = true;
+      lp.decay = decay;
+      linear_attention_state st(B, H, D, D);
+      linear_attention(q.slice(1, 0, N - 1), q.slice(1, 0, N - 1), q.slice(1, 0, N - 1), out.slice(1, 0, N - 1), lp, st);
+      linear_attention_step(st, q.slice(1, N - 1, N), q.slice(1, N - 1, N), q.slice(1, N - 1, N),
+                            out.slice(1, N - 1, N), lp);
+    });
+  }
+  SECTION("circular_attention (every mode) on averaged_key_logits") {
+    // CAT's logits and values share the sequence: q serves as values.
+    for (int mode = 0; mode < 3; ++mode)
+      check_concurrent([mode](auto q, auto k, auto, auto out, const attention_params&, auto) {
+        tensor3<float> logits(q.extent(0), q.extent(2), q.extent(1));
+        averaged_key_logits(q, k, logits.view);
+        circular_params cp;
+        cp.causal = mode >= 1;
+        cp.renormalize = mode == 2;
+        circular_attention(logits.view, q, out, cp);
+      });
   }
   SECTION("merge_attention_states") {
     check_concurrent([](auto q, auto k, auto v, auto out, const attention_params& p, auto lse) {

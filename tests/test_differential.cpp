@@ -1,8 +1,12 @@
 // Randomized differential testing: seeded random shapes, memory layouts, element types and
-// parameters, every operator against its reference at the documented tolerance. A failing case
-// prints a one-line reproducer. ATTNKIT_DIFF_CASES (default 1500) and ATTNKIT_DIFF_SEED (default
-// 20261123) change the run; the `differential_long` build target runs 100000 cases.
+// parameters, every operator against its reference at the tolerance its own tests document
+// (softmax operators: flash_cases.hpp / test_flash; linear: linear_cases.hpp; circular:
+// circular_cases.hpp). A failing case prints a one-line reproducer. ATTNKIT_DIFF_CASES (default
+// 3000) and ATTNKIT_DIFF_SEED (default 20261123) change the run; the `differential_long` build
+// target runs 100000 cases.
 #include "block_sparse_cases.hpp"
+#include "circular_cases.hpp"
+#include "linear_cases.hpp"
 
 #include <cstdlib>
 #include <functional>
@@ -82,11 +86,26 @@ test::attn_result run_typed(dtype t, const attn_case& c, Op&& op) {
   return {};
 }
 
-// One operator under differential test: runs on an attn_case the way run_against_reference calls.
-struct softmax_operator {
-  const char* name;
-  std::function<test::attn_result(dtype, const attn_case&)> run;
+// One random problem's verdict: within its operator's tolerance or not, and the case's parameters
+// with the errors measured (the reproducer line).
+struct outcome {
+  bool ok = true;
+  std::string what;
 };
+
+// One operator under differential test. The softmax operators run on the drawn attn_case; linear
+// and circular draw their own problem from the case's seed.
+struct diff_operator {
+  const char* name;
+  std::function<outcome(dtype, const attn_case&)> run;
+};
+
+outcome softmax_outcome(dtype t, const attn_case& c, const test::attn_result& r) {
+  const double tol = t == dtype::f64 ? 1e-12 : 2e-5;
+  return {!r.out.mismatched_nonfinite && r.out.rel() <= tol && r.lse_err <= tol,
+          detail::concat(test::describe(c), " rel=", r.out.rel(), " lse=", r.lse_err,
+                         " nonfinite=", r.out.mismatched_nonfinite)};
+}
 
 const auto flash_op = [](auto q, auto k, auto v, auto out, const attention_params& p, auto lse) {
   flash_attention(q, k, v, out, p, lse);
@@ -153,14 +172,192 @@ test::attn_result run_block_sparse(dtype t, const attn_case& c, std::uint64_t se
   return {};
 }
 
+// ---- linear attention ---------------------------------------------------------------------------
+
+// A random linear-attention problem: every feature map (FAVOR+ with a fresh make_favor_projection),
+// causal or not, per-head decay, normalize on or off, eps, grouped heads, layouts and 0-sized axes.
+struct linear_problem {
+  index_t B = 1, Nq = 1, Nk = 1, Hq = 1, Hkv = 1, D = 1, Dv = 1, m = 0;
+  feature_map phi = feature_map::elu_plus_one;
+  bool causal = false, normalize = true, orthogonal = true;
+  float scale = 0.f, eps = 1e-6f;
+  std::vector<float> decay;
+  layout lay = layout::bshd;
+  std::uint64_t seed = 0;
+
+  std::string describe() const {
+    return detail::concat("B=", B, " Nq=", Nq, " Nk=", Nk, " Hq=", Hq, " Hkv=", Hkv, " D=", D, " Dv=", Dv,
+                          " phi=", feature_map_name(phi), " m=", m, " orthogonal=", orthogonal, " scale=", scale,
+                          " causal=", causal, " normalize=", normalize, " decay=", !decay.empty(), " eps=", eps,
+                          " layout=", test::layout_name(lay), " seed=", seed);
+  }
+};
+
+linear_problem random_linear(std::uint64_t seed) {
+  draw d(seed ^ 0x11ea4);
+  linear_problem lp;
+  lp.seed = seed;
+  lp.phi = d.pick({feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::cosine,
+                   feature_map::favor_positive});
+  const bool favor = lp.phi == feature_map::favor_positive;
+  lp.B = d.chance(0.03) ? 0 : d.size(1, 3);
+  lp.Hkv = d.chance(0.02) ? 0 : d.size(1, 3);
+  lp.Hq = lp.Hkv * d.pick<index_t>({1, 1, 2, 4});
+  lp.D = !favor && d.chance(0.03) ? 0 : d.size(1, favor ? 64 : 80);  // a projection needs d >= 1
+  lp.Dv = d.chance(0.03) ? 0 : d.size(1, 80);
+  lp.causal = d.chance(0.5);
+  lp.Nq = d.chance(0.03) ? 0 : d.chance(0.3) ? d.size(1, 4) : d.size(1, 200);
+  lp.Nk = lp.causal ? lp.Nq : d.chance(0.03) ? 0 : d.size(1, 300);
+  lp.normalize = d.chance(0.6);
+  if (lp.causal && d.chance(0.5))
+    for (index_t h = 0; h < lp.Hq; ++h) lp.decay.push_back(1.f - float(d.range(0, 60)) / 64.f);
+  if (d.chance(0.2)) lp.eps = d.pick({0.f, 1e-3f, 1.f});
+  if (favor) {
+    lp.m = d.size(1, 130);
+    lp.orthogonal = d.chance(0.7);
+    if (d.chance(0.3)) lp.scale = float(d.range(1, 10)) / 20.f;
+  }
+  lp.lay = d.pick({layout::bshd, layout::bhsd, layout::padded, layout::strided});
+  return lp;
+}
+
+template <class T, class O>
+test::error_stats run_linear(const linear_problem& lp) {
+  const favor_projection proj =
+      lp.m > 0 ? make_favor_projection(lp.m, lp.D, lp.seed, lp.orthogonal) : favor_projection{};
+  linear_params p = test::make_linear_params(lp.phi, lp.causal, lp.normalize, lp.decay.empty() ? nullptr : lp.decay.data(),
+                                             &proj);
+  p.eps = lp.eps;
+  p.scale = lp.scale;
+  const test::qkv<T> in(lp.B, lp.Nq, lp.Nk, lp.Hq, lp.Hkv, lp.D, lp.Dv, lp.seed, test::needs_positive(lp.phi, lp.normalize),
+                        lp.lay);
+  return test::against_reference<O>(in.q.view, in.k.view, in.v.view, p, lp.lay);
+}
+
+outcome linear_outcome(dtype t, const attn_case& c) {
+  const linear_problem lp = random_linear(c.seed);
+  test::error_stats e;
+  switch (t) {
+    case dtype::f32: e = run_linear<float, float>(lp); break;
+    case dtype::bf16: e = run_linear<bf16, float>(lp); break;
+    case dtype::f16: e = run_linear<f16, float>(lp); break;
+    case dtype::f64: e = run_linear<double, double>(lp); break;
+  }
+  const double tol = t == dtype::f64 ? test::linear_tol_double : test::linear_tol_float;
+  return {!e.mismatched_nonfinite && e.rel() <= tol,
+          detail::concat(lp.describe(), " rel=", e.rel(), " nonfinite=", e.mismatched_nonfinite)};
+}
+
+// ---- circular attention -------------------------------------------------------------------------
+
+enum class logit_shape { uniform, huge, ramp, spikes };
+const char* logit_shape_name(logit_shape s) {
+  switch (s) {
+    case logit_shape::uniform: return "uniform";
+    case logit_shape::huge: return "huge";
+    case logit_shape::ramp: return "ramp";
+    case logit_shape::spikes: return "spikes";
+  }
+  return "?";
+}
+
+// A random CAT problem: both modes and renormalize (also without causal, where it changes nothing),
+// logits that are uniform, +-1e4, steep ramps (the renormalize recursion's hard case) or sparse
+// spikes, with -inf sprinkled in, whole heads -inf, and rare NaN logits or values.
+struct circular_problem {
+  index_t B = 1, H = 1, N = 1, D = 1;
+  circular_params p;
+  logit_shape shape = logit_shape::uniform;
+  float amplitude = 1.f;
+  index_t neg_inf_every = 0;  // every k-th logit of every head is -inf (0: none)
+  bool masked_head = false;   // head 0 of batch 0 entirely -inf
+  index_t nan_logit = -1, nan_value = -1;  // positions of a NaN logit / value (-1: none)
+  layout lay = layout::bshd;
+  bool logits_bsh = false;  // logits in (batch, seq, head) memory order
+  std::uint64_t seed = 0;
+
+  std::string describe() const {
+    return detail::concat("B=", B, " N=", N, " H=", H, " D=", D, " causal=", p.causal, " renormalize=", p.renormalize,
+                          " logits=", logit_shape_name(shape), " amplitude=", amplitude, " neg_inf_every=",
+                          neg_inf_every, " masked_head=", masked_head, " nan_logit=", nan_logit,
+                          " nan_value=", nan_value, " layout=", test::layout_name(lay), " logits_bsh=", logits_bsh,
+                          " seed=", seed);
+  }
+};
+
+circular_problem random_circular(std::uint64_t seed) {
+  draw d(seed ^ 0xca7ca7);
+  circular_problem cp;
+  cp.seed = seed;
+  cp.B = d.chance(0.03) ? 0 : d.size(1, 3);
+  cp.H = d.chance(0.03) ? 0 : d.chance(0.15) ? d.range(5, 20) : d.size(1, 4);  // head groups of simd::width
+  cp.N = d.chance(0.03) ? 0 : d.chance(0.3) ? d.size(1, 8) : d.size(1, 700);
+  cp.D = d.chance(0.03) ? 0 : d.size(1, 40);
+  // The reference costs B H N^2 D: cap it at 2e7 by narrowing D.
+  const index_t work = std::max<index_t>(cp.B * cp.H * cp.N * cp.N, 1);
+  cp.D = std::min(cp.D, std::max<index_t>(1, index_t(2e7) / work));
+  cp.p.causal = d.chance(0.6);
+  cp.p.renormalize = d.chance(0.5);
+  cp.shape = d.pick({logit_shape::uniform, logit_shape::uniform, logit_shape::huge, logit_shape::ramp, logit_shape::spikes});
+  cp.amplitude = cp.shape == logit_shape::uniform ? d.pick({0.5f, 3.f, 10.f, 30.f})
+                 : cp.shape == logit_shape::ramp  ? float(d.range(1, 10)) / 20.f
+                                                  : 1e4f;
+  if (d.chance(0.2)) cp.neg_inf_every = d.range(1, 5);
+  cp.masked_head = d.chance(0.05);
+  if (cp.N > 0 && d.chance(0.03)) cp.nan_logit = d.range(0, cp.N - 1);
+  if (cp.N > 0 && d.chance(0.03)) cp.nan_value = d.range(0, cp.N - 1);
+  cp.lay = d.pick({layout::bshd, layout::bhsd, layout::padded, layout::strided});
+  cp.logits_bsh = d.chance(0.5);
+  return cp;
+}
+
+template <class T, class O>
+test::error_stats run_circular(const circular_problem& cp) {
+  const index_t B = cp.B, H = cp.H, N = cp.N;
+  std::vector<T> lbuf(std::size_t(std::max<index_t>(B * H * N, 1)));
+  const tensor_view<T, 3> l = cp.logits_bsh ? bsh(lbuf.data(), B, N, H) : bhs(lbuf.data(), B, H, N);
+  auto g = test::rng(cp.seed * 7 + 1);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t j = 0; j < N; ++j) {
+        float x = cp.amplitude * u(g);
+        if (cp.shape == logit_shape::ramp) x = cp.amplitude * float(j) + u(g);
+        if (cp.shape == logit_shape::spikes) x = (j * 31 + h) % 97 == 0 ? 30.f : u(g);
+        if (cp.neg_inf_every > 0 && j % cp.neg_inf_every == 0) x = ninf;
+        if (cp.masked_head && b == 0 && h == 0) x = ninf;
+        if (j == cp.nan_logit && b == B - 1) x = std::numeric_limits<float>::quiet_NaN();
+        l(b, h, j) = T(x);
+      }
+  test::tensor4<T> v(B, N, H, cp.D, cp.lay);
+  test::fill_uniform(v, cp.seed * 7 + 2);
+  if (cp.nan_value >= 0 && B > 0 && H > 0 && cp.D > 0) v(0, cp.nan_value, H - 1, cp.D - 1) = T(std::numeric_limits<float>::quiet_NaN());
+  return test::run_and_compare<O>(tensor_view<const T, 3>(l), v.cview(), cp.p, cp.lay);
+}
+
+outcome circular_outcome(dtype t, const attn_case& c) {
+  const circular_problem cp = random_circular(c.seed);
+  test::error_stats e;
+  switch (t) {
+    case dtype::f32: e = run_circular<float, float>(cp); break;
+    case dtype::bf16: e = run_circular<bf16, float>(cp); break;
+    case dtype::f16: e = run_circular<f16, float>(cp); break;
+    case dtype::f64: e = run_circular<double, double>(cp); break;  // logits hold float values: see test_circular
+  }
+  return {!e.mismatched_nonfinite && e.max_abs <= test::circular_tol,
+          detail::concat(cp.describe(), " max_abs=", e.max_abs, " nonfinite=", e.mismatched_nonfinite)};
+}
+
 }  // namespace
 
 TEST_CASE("differential: random problems against the references") {
-  const std::uint64_t cases = env_or("ATTNKIT_DIFF_CASES", 1500), seed0 = env_or("ATTNKIT_DIFF_SEED", 20261123);
-  const std::vector<softmax_operator> ops{
-      {"flash_attention", [](dtype t, const attn_case& c) { return run_typed(t, c, flash_op); }},
-      {"sparse_attention", [](dtype t, const attn_case& c) { return run_sparse(t, c, c.seed); }},
-      {"block_sparse_attention", [](dtype t, const attn_case& c) { return run_block_sparse(t, c, c.seed); }},
+  const std::uint64_t cases = env_or("ATTNKIT_DIFF_CASES", 3000), seed0 = env_or("ATTNKIT_DIFF_SEED", 20261123);
+  const std::vector<diff_operator> ops{
+      {"flash_attention", [](dtype t, const attn_case& c) { return softmax_outcome(t, c, run_typed(t, c, flash_op)); }},
+      {"sparse_attention", [](dtype t, const attn_case& c) { return softmax_outcome(t, c, run_sparse(t, c, c.seed)); }},
+      {"block_sparse_attention",
+       [](dtype t, const attn_case& c) { return softmax_outcome(t, c, run_block_sparse(t, c, c.seed)); }},
       {"merge_attention_states(split)",
        [](dtype t, const attn_case& c) {
          attn_case plain = c;  // masks and additive terms off: see split_merge_op
@@ -169,28 +366,35 @@ TEST_CASE("differential: random problems against the references") {
          plain.bias_data.clear();
          plain.slopes.clear();
          plain.lengths.clear();
-         return run_typed(t, plain, split_merge_op);
+         return softmax_outcome(t, plain, run_typed(t, plain, split_merge_op));
        }},
+      {"linear_attention", linear_outcome},
+      {"circular_attention", circular_outcome},
   };
   index_t failures = 0, run = 0;
+  std::vector<index_t> per_op(ops.size()), failed_op(ops.size());
   for (std::uint64_t n = 0; n < cases; ++n) {
     const std::uint64_t seed = seed0 + n;
     draw d(seed);
     const attn_case c = random_case(d, seed);
     const dtype t = d.pick({dtype::f32, dtype::f32, dtype::bf16, dtype::f16, dtype::f64});
-    const auto& op = ops[std::size_t(d.range(0, index_t(ops.size()) - 1))];
-    const double tol = t == dtype::f64 ? 1e-12 : 2e-5;
-    const auto r = op.run(t, c);
+    const std::size_t which = std::size_t(d.range(0, index_t(ops.size()) - 1));
+    const auto& op = ops[which];
+    const outcome r = op.run(t, c);
     ++run;
-    const bool ok = !r.out.mismatched_nonfinite && r.out.rel() <= tol && r.lse_err <= tol;
-    if (!ok) {
+    ++per_op[which];
+    if (!r.ok) {
       ++failures;
+      ++failed_op[which];
       // One line: enough to rerun this exact case with ATTNKIT_DIFF_SEED=<seed> ATTNKIT_DIFF_CASES=1.
-      std::printf("REPRO ATTNKIT_DIFF_SEED=%llu ATTNKIT_DIFF_CASES=1 op=%s dtype=%s %s rel=%g lse=%g nonfinite=%d\n",
-                  (unsigned long long)seed, op.name, dtype_name(t), test::describe(c).c_str(), r.out.rel(), r.lse_err,
-                  int(r.out.mismatched_nonfinite));
+      std::printf("REPRO ATTNKIT_DIFF_SEED=%llu ATTNKIT_DIFF_CASES=1 op=%s dtype=%s %s\n", (unsigned long long)seed,
+                  op.name, dtype_name(t), r.what.c_str());
     }
   }
-  INFO("cases run: " << run);
+  std::printf("differential: %lld cases from seed %llu, %lld failed:", (long long)run, (unsigned long long)seed0,
+              (long long)failures);
+  for (std::size_t i = 0; i < ops.size(); ++i)
+    std::printf(" %s %lld/%lld", ops[i].name, (long long)failed_op[i], (long long)per_op[i]);
+  std::printf("\n");
   CHECK(failures == 0);
 }

@@ -84,6 +84,19 @@ void fill_uniform(tensor4<T>& t, std::uint64_t seed, float amplitude = 1.f) {
         for (index_t d = 0; d < v.extent(3); ++d) v(b, s, h, d) = T(u(g));
 }
 
+// Multiplies every `every`-th logical element (in (b, s, h, d) order) by `factor`: e.g. 1e-39f makes
+// subnormal floats among normal ones.
+template <class T>
+void scale_every(tensor4<T>& t, index_t every, float factor) {
+  const auto& v = t.view;
+  index_t n = 0;
+  for (index_t b = 0; b < v.extent(0); ++b)
+    for (index_t s = 0; s < v.extent(1); ++s)
+      for (index_t h = 0; h < v.extent(2); ++h)
+        for (index_t d = 0; d < v.extent(3); ++d)
+          if (n++ % every == 0) v(b, s, h, d) = T(convert<float>(v(b, s, h, d)) * factor);
+}
+
 template <class T>
 void fill_value(tensor4<T>& t, float value) {
   const auto& v = t.view;

@@ -566,9 +566,15 @@ class renorm_solver {
       for (index_t d = 0; d < D_; ++d) out_(b_, i, h_, d) = TO(0);
     bad_.assign(static_cast<std::size_t>(blocks), false);
     if (rows_ > 0) solve(0, rows_);
+    // A non-finite value poisons the rows from its position on, except rows whose prefix is all
+    // -inf (output 0 by definition). It reaches rows through lags of weight 0 too (0 * NaN): when a
+    // piece without weight was skipped, its values were not read, so v is scanned.
+    index_t first_weighted = 0;
+    while (first_weighted < rows_ && P_[first_weighted] == -std::numeric_limits<float>::infinity()) ++first_weighted;
     for (index_t blk = 0; blk < blocks; ++blk) {
       const block_pair bp = make_block_pair(D_, blk);
-      if (bad_[static_cast<std::size_t>(blk)]) poison_rows(v_, out_, b_, h_, bp, rows_, false, 0, rows_);
+      if (bad_[static_cast<std::size_t>(blk)] || skipped_)
+        poison_rows(v_, out_, b_, h_, bp, rows_, false, first_weighted, rows_);
     }
   }
 
@@ -578,7 +584,10 @@ class renorm_solver {
     if (L <= renorm_direct) return direct(o, L);
     float A = -std::numeric_limits<float>::infinity();
     for (index_t m = 0; m < L; ++m) A = std::max(A, l_[o + m]);
-    if (A == -std::numeric_limits<float>::infinity()) return;  // no weight at all
+    if (A == -std::numeric_limits<float>::infinity()) {  // no weight at all
+      skipped_ = true;
+      return;
+    }
     std::vector<double> cum(static_cast<std::size_t>(L));
     double c = 0;
     for (index_t m = 0; m < L; ++m) cum[m] = c += std::exp(static_cast<double>(l_[o + m]) - A);
@@ -606,7 +615,10 @@ class renorm_solver {
   // Adds to rows o + i (i in [r0, r1)) the convolution of lags a[m] = exp(l[o + m] - A), m < nlags,
   // with values v[0..nvals), through a cyclic transform of length M, times exp(A - P) / d per row.
   void piece(index_t o, index_t nlags, index_t nvals, index_t M, float A, index_t r0, index_t r1) {
-    if (A == -std::numeric_limits<float>::infinity() || r1 <= r0) return;
+    if (A == -std::numeric_limits<float>::infinity() || r1 <= r0) {
+      skipped_ = true;
+      return;
+    }
     auto plan = kernels::get_fft_plan(M);
     float* buf = kernels::fft_thread_scratch(slot_work, plan->padded_size() * E);
     const float inv_m = 1.f / static_cast<float>(M);
@@ -667,6 +679,7 @@ class renorm_solver {
   std::vector<double> invd_;
   std::vector<float> factor_, coef_, vals_, acc_, lags_;
   std::vector<bool> bad_;
+  bool skipped_ = false;  // a piece or subproblem returned without reading its values
 };
 
 template <class TL>

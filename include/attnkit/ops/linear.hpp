@@ -208,6 +208,11 @@ struct linear_attention_state {
     detail::require(heads >= 0, fn, "heads", "a value >= 0", heads);
     detail::require(features >= 0, fn, "features", "a value >= 0", features);
     detail::require(value_dim >= 0, fn, "value_dim", "a value >= 0", value_dim);
+    index_t count = 0;  // the storage's element count, computed without wrapping
+    const bool overflow = __builtin_mul_overflow(batch, heads, &count) || __builtin_mul_overflow(count, features, &count) ||
+                          __builtin_mul_overflow(count, value_dim, &count);
+    detail::require(!overflow, fn, "batch * heads * features * value_dim", "an element count that fits in index_t",
+                    "an overflowing product");
     s.resize(static_cast<std::size_t>(batch * heads * features * value_dim));
     z.resize(static_cast<std::size_t>(batch * heads * features));
     key_max.resize(static_cast<std::size_t>(batch * heads));
@@ -465,7 +470,17 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
       }
       return;
     case feature_map::cosine: {
-      const Acc sq = vdot(x, x, n);
+      Acc sq = vdot(x, x, n);
+      if (sq < std::numeric_limits<Acc>::min() || sq > std::numeric_limits<Acc>::max()) {
+        // |x|^2 underflows (|x| below ~1e-19 in float, subnormal rows) or overflows (above ~1e19):
+        // x / |x| does not depend on the scale, so divide by the largest |x_i| first.
+        Acc m = 0;
+        for (index_t i = 0; i < n; ++i) m = std::max(m, std::abs(x[i]));
+        if (m > 0 && m <= std::numeric_limits<Acc>::max()) {
+          for (index_t i = 0; i < n; ++i) x[i] /= m;
+          sq = vdot(x, x, n);
+        }
+      }
       vscale(x, sq == 0 ? Acc(0) : Acc(1) / std::sqrt(sq), n);
       return;
     }
