@@ -4,8 +4,8 @@
 //    first allowed keys coincide with flash's: always without params.window_left, and with it when
 //    the mask's block_q equals flash_tiles::block_q (same row groups). Otherwise (window_left with
 //    other block_q) the key tiles start elsewhere and it agrees within the fp32 tolerance below.
-//    Flash's decode path (Nq <= 4, float) is a different computation, so the bitwise cases use
-//    Nq > flash_tiles::decode_max_q.
+//    Flash's decode path (Nq <= flash_tiles::decode_max_q, float) is a different computation, so
+//    the bitwise cases use Nq > flash_tiles::decode_max_q.
 //  * Any mask equals reference_attention (double) with an extra bias that is 0 on active tiles and
 //    -inf elsewhere. Tolerances as in test_flash.cpp: max |out - ref| / max |ref| <= 2e-5 for
 //    float, bf16, f16 inputs, 1e-12 for double; lse absolute error <= 2e-5 / 1e-12.

@@ -628,10 +628,11 @@ TEST_CASE("element offsets beyond 2^32: every operator reads and writes the righ
 TEST_CASE("key counts and positions beyond 2^32: broadcast keys with windows, against the closed form") {
   // Every key equals k_row and every value v_row (stride 0 on batch and sequence), so each row's
   // output is v_row and its lse is s_i + log(keys allowed to row i), s_i = scale * q_i . k_row.
-  // Nq = 6 takes flash's prefill path, which visits only the tiles inside the rows' key ranges. (The
-  // decode path, Nq <= 4, splits all Nk keys into chunks of 512 whatever the window: 2^23 chunks here,
-  // about a second and 0.5 GB of partial states, so it is not run at this size.)
-  const index_t Nk = (index_t(1) << 32) + 7, Nq = 6, D = 4;
+  // Nq = 6 takes flash's decode path, Nq = 20 its prefill path; both visit only the keys inside the
+  // rows' ranges.
+  const index_t Nk = (index_t(1) << 32) + 7, D = 4;
+  for (const index_t Nq : {index_t(6), index_t(20)}) {
+  INFO("Nq = " << Nq);
   const float k_row[D] = {0.5f, -0.25f, 1.f, 0.125f}, v_row[D] = {1.f, -2.f, 0.5f, 3.f};
   const tensor_view<const float, 4> k(k_row, {1, Nk, 1, D}, {0, 0, 0, 1}), v(v_row, {1, Nk, 1, D}, {0, 0, 0, 1});
   tensor4<float> q(1, Nq, 1, D), out(1, Nq, 1, D);
@@ -679,6 +680,7 @@ TEST_CASE("key counts and positions beyond 2^32: broadcast keys with windows, ag
     test::fill_value(out, -1.f);
     block_sparse_attention(q.view, k, v, out.view, block_mask::local(16, 64, Nq, Nk, 3, 1), p, lse.view);
     closed_form("block_sparse_attention", st);
+  }
   }
 }
 

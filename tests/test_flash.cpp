@@ -68,7 +68,7 @@ TEST_CASE("flash: Nq != Nk both ways, value dim != head dim, batch > 1") {
 
 TEST_CASE("flash: grouped-query and multi-query heads, prefill and decode") {
   for (index_t ratio : {1, 4, 8})
-    for (index_t nq : {1, 3, 70}) {
+    for (index_t nq : {1, 3, 13, 70}) {
       attn_case c;
       c.Hkv = 2;
       c.Hq = 2 * ratio;
@@ -220,7 +220,7 @@ TEST_CASE("flash: BHSD, padded and strided views") {
 }
 
 TEST_CASE("flash: bf16, f16 and double inputs") {
-  for (index_t nq : {1, 4, 100}) {
+  for (index_t nq : {1, 4, 16, 100}) {
     attn_case c;
     c.B = 2;
     c.Nq = nq;

@@ -5,7 +5,7 @@
 //    query rows); each streams the allowed key range in tiles of block_k keys through
 //    kernels::softmax_block. Tiles outside every row's causal/window range are never visited;
 //    elementwise masks are applied only on tiles that straddle a range boundary.
-//  * decode (few query rows, typically a KV-cache step): the keys are split into fixed chunks of
+//  * decode (few query rows, typically a KV-cache step): the keys are split into chunks of up to
 //    decode_chunk keys processed in parallel (Flash-Decoding); a chunk covers all heads so its
 //    K/V are read as one sequential stream, every K/V row is converted once and used by all query
 //    rows of its GQA group, and the partial states are merged in chunk order with
@@ -29,8 +29,8 @@ namespace attnkit {
 struct flash_tiles {
   static constexpr index_t block_q = kernels::gemm_nv * simd::width * (simd::width >= 16 ? 1 : 2);
   static constexpr index_t block_k = 64;
-  static constexpr index_t decode_max_q = 4;    // query rows per head up to which decode is used
-  static constexpr index_t decode_chunk = 512;   // keys per parallel decode chunk
+  static constexpr index_t decode_max_q = 16;   // query rows per head up to which decode is used
+  static constexpr index_t decode_chunk = 512;   // keys per parallel decode chunk (at most; see flash_decode)
   static constexpr index_t decode_block = 64;   // keys per decode tile inside a chunk
 };
 
@@ -126,7 +126,7 @@ class kv_tile {
 // softmax_block, whose slot 4 this is, and runs no selection, whose slot 7 this is).
 inline constexpr std::size_t slot_k_stage = 4, slot_v_stage = 7;
 
-// Decode. Work items are (batch, chunk of decode_chunk keys) over all heads, so each item streams
+// Decode. Work items are (batch, chunk of up to decode_chunk keys) over all heads, so each item streams
 // one contiguous stretch of the KV cache (tile by tile through kv_tile); each kv head's K and
 // V rows are converted in registers (kernels::dot_rows, accumulate_rows), each
 // loaded once for all G * Nq query rows of its GQA group (row r = h * Nq + i). Chunk states are
@@ -136,7 +136,7 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
                   const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
                   const attention_shape& s, const tensor_view<const float, 4>& bias) {
   using simd::vec;
-  constexpr index_t C = flash_tiles::decode_chunk, BK = flash_tiles::decode_block;
+  constexpr index_t BK = flash_tiles::decode_block;
   const float scale = effective_scale<float>(p.scale, s.head_dim);
   const float cap = p.softcap;
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -157,7 +157,10 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
     }
   }
   if (k_end <= k_begin) k_begin = k_end = 0;
-  const index_t nc = std::max<index_t>(1, (k_end - k_begin + C - 1) / C);
+  // Chunks of decode_chunk keys, smaller (down to 4 tiles) when that gives fewer than 4 per batch,
+  // so that short caches are still split across threads. Shape-only, as the results must be.
+  const index_t C = std::clamp(ceil_div(ceil_div(k_end - k_begin, index_t(4)), BK) * BK, 4 * BK, flash_tiles::decode_chunk);
+  const index_t nc = std::max<index_t>(1, ceil_div(k_end - k_begin, C));
   const index_t items = s.batch * nc;
   // Partial states per (item, row): normalised output (Dv) and lse. Only allocated when split.
   std::vector<float> part_o(nc > 1 ? std::size_t(items * R * s.value_dim) : 0);
