@@ -1,9 +1,11 @@
-// The GPU backend of flash_cases.hpp: copies each host tensor (whole buffer, padding included, same
-// strides) to device memory, calls attnkit::cuda::flash_attention / merge_attention_states on a
-// stream, waits with attnkit::cuda::synchronize and copies the outputs back.
+// The GPU backend of the case lists (flash_cases.hpp, block_sparse_cases.hpp, linear_cases.hpp, ...):
+// copies each host tensor (whole buffer, padding included, same strides) to device memory, calls
+// the attnkit::cuda operator on a stream, waits with attnkit::cuda::synchronize and copies the
+// outputs back.
 #pragma once
 
 #include <attnkit/cuda/flash.cuh>  // first: includes the core headers the way nvcc wants them
+#include <attnkit/cuda/linear.cuh>
 
 #include <optional>
 
@@ -78,6 +80,17 @@ struct gpu_backend {
     cuda::synchronize(stream);
     o.download(out.buf);
     if (lse) l->download(lse->buf);
+  }
+
+  template <class T, class TO>
+  void linear(const tensor4<T>& q, const tensor4<T>& k, const tensor4<T>& v, tensor4<TO>& out,
+              const linear_params& p) {
+    device_view<T, 4> dq(q.buf, q.view), dk(k.buf, k.view), dv(v.buf, v.view);
+    device_view<TO, 4> o(out.buf, out.view);
+    cuda::linear_attention(tensor_view<const T, 4>(dq.view), tensor_view<const T, 4>(dk.view),
+                           tensor_view<const T, 4>(dv.view), o.view, p, stream);
+    cuda::synchronize(stream);
+    o.download(out.buf);
   }
 
   template <class TO>
