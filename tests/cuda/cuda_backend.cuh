@@ -6,6 +6,7 @@
 
 #include <attnkit/cuda/flash.cuh>  // first: includes the core headers the way nvcc wants them
 #include <attnkit/cuda/block_sparse.cuh>
+#include <attnkit/cuda/circular.cuh>
 #include <attnkit/cuda/linear.cuh>
 
 #include <optional>
@@ -113,6 +114,16 @@ struct gpu_backend {
     device_view<TO, 4> o(out.buf, out.view);
     cuda::linear_attention(tensor_view<const T, 4>(dq.view), tensor_view<const T, 4>(dk.view),
                            tensor_view<const T, 4>(dv.view), o.view, p, stream);
+    cuda::synchronize(stream);
+    o.download(out.buf);
+  }
+
+  template <class TL, class TV, class TO>
+  void circular(const tensor3<TL>& l, const tensor4<TV>& v, tensor4<TO>& out, const circular_params& p) {
+    device_view<TL, 3> dl(l.buf, l.view);
+    device_view<TV, 4> dv(v.buf, v.view);
+    device_view<TO, 4> o(out.buf, out.view);
+    cuda::circular_attention(tensor_view<const TL, 3>(dl.view), tensor_view<const TV, 4>(dv.view), o.view, p, stream);
     cuda::synchronize(stream);
     o.download(out.buf);
   }

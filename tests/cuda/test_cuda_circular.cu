@@ -1,0 +1,24 @@
+// attnkit::cuda::circular_attention (cuFFT) against reference_circular_attention on the GPU: the
+// case lists of circular_cases.hpp at full size. The bound on the maximum absolute error is 5e-6
+// (the CPU operator's tests use 2e-6 with their own FFT; cuFFT's float error was not measured: no
+// GPU was available when this was written).
+#include "circular_cases.hpp"
+#include "cuda_backend.cuh"
+
+using namespace attnkit;
+using namespace attnkit::test::cuda_cases;
+
+TEST_CASE("cuda circular attention: lengths and modes", "[cuda][circular]") {
+  gpu_backend be;
+  check_circular_lengths(be, false, 5e-6);
+}
+
+TEST_CASE("cuda circular attention: extreme logits, non-finite inputs, layouts, dtypes", "[cuda][circular]") {
+  gpu_backend be;
+  check_circular_edges(be, false, 5e-6);
+}
+
+TEST_CASE("cuda circular attention: empty extents and argument checks", "[cuda][circular][errors]") {
+  gpu_backend be;
+  check_circular_empty_and_errors(be);
+}
