@@ -22,3 +22,23 @@ TEST_CASE("cuda circular attention: empty extents and argument checks", "[cuda][
   gpu_backend be;
   check_circular_empty_and_errors(be);
 }
+
+TEST_CASE("cuda circular attention: host pointers are rejected unless the device reads pageable memory",
+          "[cuda][circular][errors]") {
+  int dev = 0, pageable = 0;
+  cuda_require(cudaGetDevice(&dev), "cudaGetDevice");
+  cuda_require(cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, dev), "cudaDeviceGetAttribute");
+  if (pageable != 0) {
+    WARN("this device reads pageable host memory: host pointers are legal here, nothing to check");
+    return;
+  }
+  test::tensor3<float> l(1, 1, 8, 0.f);
+  test::tensor4<float> v(1, 8, 1, 4), out(1, 8, 1, 4);
+  test::fill_value(v, 1.f);
+  device_view<float, 4> dout(out.buf, out.view);
+  test::require_error(
+      [&] {
+        cuda::circular_attention(tensor_view<const float, 3>(l.view), v.cview(), dout.view);
+      },
+      {"cuda::circular_attention", "logits", "plain host memory"});
+}

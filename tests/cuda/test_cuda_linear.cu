@@ -47,3 +47,25 @@ TEST_CASE("cuda linear: bitwise reproducible on the default and a user stream", 
   cuda_require(cudaStreamDestroy(stream), "cudaStreamDestroy");
   CHECK(std::memcmp(a.buf.data(), b.buf.data(), a.buf.size() * sizeof(float)) == 0);
 }
+
+TEST_CASE("cuda linear: host pointers are rejected unless the device reads pageable memory", "[cuda][linear][errors]") {
+  int dev = 0, pageable = 0;
+  cuda_require(cudaGetDevice(&dev), "cudaGetDevice");
+  cuda_require(cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, dev), "cudaDeviceGetAttribute");
+  if (pageable != 0) {
+    WARN("this device reads pageable host memory: host pointers are legal here, nothing to check");
+    return;
+  }
+  linear_spec s;
+  s.B = 1, s.Nq = s.Nk = 4, s.Hq = 1, s.Hkv = 1, s.D = 8;
+  const linear_problem<float> pr = make_linear_problem<float>(s);
+  device_view<float, 4> dk(pr.k.buf, pr.k.view), dv(pr.v.buf, pr.v.view);
+  tensor4<float> out(1, 4, 1, 8);
+  device_view<float, 4> dout(out.buf, out.view);
+  test::require_error(
+      [&] {
+        cuda::linear_attention(pr.q.cview(), tensor_view<const float, 4>(dk.view), tensor_view<const float, 4>(dv.view),
+                               dout.view, pr.p);
+      },
+      {"cuda::linear_attention", "q", "plain host memory"});
+}
