@@ -1,7 +1,8 @@
 // attnkit::cuda::flash_attention and merge_attention_states with bf16 inputs (tensor-core path) against
 // reference_attention, on the GPU: every case list of flash_cases.hpp at full size; and
-// block_sparse_attention (the same flash kernels, compiled once in this file) on the case lists of
-// block_sparse_cases.hpp.
+// block_sparse_attention (the flash kernel's Sparse instantiation) on the case lists of
+// block_sparse_cases.hpp. Block-sparse runs for bf16 and float only (the tensor-core and FMA paths;
+// f16 and double differ from them only in the mma variant / precision), to keep the CI build short.
 #include "cuda_backend.cuh"  // first: the attnkit/cuda headers, then the cases
 #include "block_sparse_cases.hpp"
 

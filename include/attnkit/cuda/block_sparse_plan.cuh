@@ -1,6 +1,7 @@
 // Host-side preparation of cuda::block_sparse_attention, free of CUDA runtime calls: the flash
-// kernel (flash_kernel.cuh) runs unchanged except that each thread block visits only the key tiles
-// that hold an active mask block for one of its rows, and tests the mask elementwise inside them.
+// kernel (flash_kernel.cuh, its Sparse instantiation) runs as for dense attention except that each
+// thread block visits only the key tiles that hold an active mask block for one of its rows, and
+// tests the mask elementwise inside them.
 // Here: the CPU operator's checks, the per-block lists of key-tile runs and the dense byte mask,
 // uploaded into one workspace through the Launcher (see linear_plan.cuh for its upload()).
 #pragma once
@@ -118,7 +119,7 @@ void run_block_sparse(std::string_view fn, flash_args a, const block_mask& mask,
   a.mask = base + off_bytes + run_bytes;
   a.mask_bs = dm.bs, a.mask_hs = dm.hs, a.mask_bq = mask.block_q(), a.mask_bk = mask.block_k();
   a.mask_kb = mask.k_blocks();
-  launch.kernel("flash_forward_kernel (block-sparse)", &flash_forward_kernel<Cfg, TO, TL>,
+  launch.kernel("flash_forward_kernel (block-sparse)", &flash_forward_kernel<Cfg, TO, TL, true>,
                 dim3(static_cast<unsigned>(pl.base_blocks)), Cfg::threads, Cfg::smem_bytes, a);
 }
 

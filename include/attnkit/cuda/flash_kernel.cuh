@@ -114,7 +114,7 @@ struct flash_args {
   bool causal = false;
   index_t window_left = -1, window_right = -1;
   bool q_vec = false, k_vec = false, v_vec = false;  // 16-byte vector loads are legal for q/k/v
-  // Block-sparse attention (block_sparse_plan.cuh); all null for dense attention. Block x visits
+  // Block-sparse attention (block_sparse_plan.cuh, flash_forward_kernel<..., Sparse = true>). Block x visits
   // the key tiles (of block_n keys) of runs tile_runs[2r] <= tile < tile_runs[2r + 1] for r in
   // [tile_run_offsets[x], tile_run_offsets[x + 1]), and within them the keys j of row (b, h, i)
   // with mask[b * mask_bs + h * mask_hs + (i / mask_bq) * mask_kb + j / mask_bk] != 0.
@@ -298,7 +298,9 @@ __device__ __forceinline__ void tile_accumulate(typename Cfg::acc (&o)[Cfg::head
 
 // ---- the flash kernel -----------------------------------------------------------------------------
 
-template <class Cfg, class TO, class TL>
+// Sparse: block-sparse attention (the tile_runs / mask fields of flash_args); a separate
+// instantiation so that the dense kernel carries none of its state (registers, occupancy).
+template <class Cfg, class TO, class TL, bool Sparse = false>
 __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash_args a) {
   using E = typename Cfg::elem;
   using A = typename Cfg::acc;
@@ -364,17 +366,20 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
   // (kv_hi when there is none left). Block-uniform: every thread walks the same runs.
   const int* runs = a.tile_runs;
   index_t run = 0, run_end = 0;
-  if (runs != nullptr) run = a.tile_run_offsets[blockIdx.x], run_end = a.tile_run_offsets[blockIdx.x + 1];
+  if constexpr (Sparse) run = a.tile_run_offsets[blockIdx.x], run_end = a.tile_run_offsets[blockIdx.x + 1];
   auto seek = [&](index_t n) -> index_t {
-    if (runs == nullptr) return n;
-    while (run < run_end && static_cast<index_t>(runs[2 * run + 1]) * BN <= n) ++run;
-    if (run == run_end) return kv_hi;
-    const index_t start = static_cast<index_t>(runs[2 * run]) * BN;
-    return start > n ? start : n;
+    if constexpr (!Sparse) {
+      return n;
+    } else {
+      while (run < run_end && static_cast<index_t>(runs[2 * run + 1]) * BN <= n) ++run;
+      if (run == run_end) return kv_hi;
+      const index_t start = static_cast<index_t>(runs[2 * run]) * BN;
+      return start > n ? start : n;
+    }
   };
   // Block-sparse: this lane's rows of the mask (indexed by key block).
   const unsigned char* row_mask[2] = {nullptr, nullptr};
-  if (a.mask != nullptr)
+  if constexpr (Sparse)
 #pragma unroll
     for (int e = 0; e < 2; ++e)
       row_mask[e] = a.mask + b * a.mask_bs + row_h[e] * a.mask_hs + (row_i[e] / a.mask_bq) * a.mask_kb;
@@ -421,7 +426,7 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
 
       // Logits as DESIGN.md defines them, then the mask. Tiles inside every row's range skip the
       // per-element range test.
-      const bool full_tile = a.mask == nullptr && lo_last <= n0 && n0 + BN <= hi_first;
+      const bool full_tile = !Sparse && lo_last <= n0 && n0 + BN <= hi_first;
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -429,7 +434,7 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
           const int e = x >> 1;
           const index_t j = n0 + 8 * n + 2 * t + (x & 1);
           if (!full_tile &&
-              (!(j >= row_lo[e] && j < row_hi[e]) || (row_mask[e] != nullptr && row_mask[e][j / a.mask_bk] == 0))) {
+              (!(j >= row_lo[e] && j < row_hi[e]) || (Sparse && row_mask[e][j / a.mask_bk] == 0))) {
             s[n][x] = -inf;
             continue;
           }
