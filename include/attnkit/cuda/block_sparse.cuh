@@ -1,10 +1,10 @@
 // attnkit::cuda::block_sparse_attention: the CPU operator's semantics (ops/block_sparse.hpp: exact
 // softmax attention over the active (query block, key block) tiles of a block_mask, with every
 // attention_params field) on NVIDIA GPUs of compute capability 8.0 or newer. It runs the flash
-// kernel (flash_kernel.cuh, the same tiles, tensor-core and FMA paths and head-dim buckets as
-// cuda::flash_attention): each thread block visits only the key tiles that hold an active mask
-// block for one of its rows and masks the rest elementwise, so inactive tiles cost neither loads
-// nor arithmetic. Include from a .cu file compiled by nvcc (-std=c++20) and link attnkit::cuda.
+// kernel (flash_kernel.cuh, its Sparse instantiation: the same tiles, tensor-core and FMA paths and
+// head-dim buckets as cuda::flash_attention): each thread block visits only the key tiles that hold
+// an active mask block for one of its rows and masks the rest elementwise, so inactive tiles cost
+// neither loads nor arithmetic. Include from a .cu file compiled by nvcc (-std=c++20) and link attnkit::cuda.
 //
 // Memory. The views, params.bias, params.alibi_slopes and params.kv_lengths are as for
 // cuda::flash_attention (device memory; alibi_slopes and kv_lengths are device arrays). The mask is
