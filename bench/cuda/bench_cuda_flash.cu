@@ -3,82 +3,32 @@
 // Nk in {4k, 32k, 128k}, bf16 and f32 (the GPU runs f16 like bf16). Timed with CUDA events around
 // each call (manual time), after a warm-up call.
 //
-// Counters: TFLOPs (4 * Nq * Nk * D per head, halved for causal with Nq == Nk, as DESIGN.md counts)
-// and pct_peak against the GPU's dense peak for the input type; decode also GBs (K and V read once)
-// and pct_bw. Peaks come from the device's attributes (see gpu_peaks below; the per-SM rates are
+// attnkit::cuda::block_sparse_attention (the same flash kernels, compiled once here) on
+// bench_block_sparse's shapes: B1 D128 non-causal, 128 x 128 mask blocks with exactly
+// round(density * k_blocks) random active key blocks per query-block row, N in {4k, 16k, 32k} (H8;
+// H4 at 32k), density 10/25/50 %, bf16, next to dense flash_attention on the same shapes in the same run
+// (cuda_flash_dense/...: compare times for the speed-up). A block-sparse call includes expanding the
+// mask on the host and its upload.
+//
+// Counters: TFLOPs (4 * Nq * Nk * D per head, halved for causal with Nq == Nk, as DESIGN.md counts;
+// block-sparse: 4 * D per computed score, the rows x keys of the active tiles) and pct_peak against
+// the GPU's dense peak for the input type; decode also GBs (K and V read once) and pct_bw. Peaks
+// come from the device's attributes (see gpu_peaks in cuda_bench_common.cuh; the per-SM rates are
 // the published ones for each architecture, so the fractions are approximate for parts with other
 // clocks or fused-off units). Without a GPU the executable prints that and exits 0.
 #include <attnkit/cuda/flash.cuh>  // first: includes the core headers the way nvcc wants them
+#include <attnkit/cuda/block_sparse.cuh>
 
-#include <benchmark/benchmark.h>
+#include <algorithm>
+#include <functional>
+#include <numeric>
 
-#include <cstdio>
-#include <random>
-#include <string>
-#include <vector>
+#include "cuda_bench_common.cuh"
 
 using namespace attnkit;
+using namespace attnkit::bench_cuda;
 
 namespace {
-
-struct gpu_peaks {
-  std::string name;
-  int cc_major = 0, cc_minor = 0, sms = 0;
-  double clock_ghz = 0;            // cudaDevAttrClockRate: the peak (boost) SM clock
-  double tensor_16bit_tflops = 0;  // dense bf16/f16 mma with f32 accumulation
-  double fp32_tflops = 0;          // FMA
-  double dram_gbs = 0;             // 2 (DDR) x memory clock x bus width
-};
-
-// Peak = SMs x clock x (FLOP per clock per SM). Per-SM rates: bf16/f16 tensor cores with f32
-// accumulate 2048 (sm_80, A100), 4096 (sm_90, H100), 8192 (sm_100), 1024 for other 8.x (sm_86/89
-// workstation parts; GeForce runs f32 accumulation at half that); FP32 FMA 2 x 64 lanes on sm_80,
-// 2 x 128 otherwise.
-gpu_peaks query_peaks() {
-  gpu_peaks g;
-  int dev = 0, v = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceProp prop{};
-  cudaGetDeviceProperties(&prop, dev);
-  g.name = prop.name;
-  cudaDeviceGetAttribute(&g.cc_major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&g.cc_minor, cudaDevAttrComputeCapabilityMinor, dev);
-  cudaDeviceGetAttribute(&g.sms, cudaDevAttrMultiProcessorCount, dev);
-  cudaDeviceGetAttribute(&v, cudaDevAttrClockRate, dev);
-  g.clock_ghz = v / 1e6;
-  int mem_khz = 0, bus_bits = 0;
-  cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, dev);
-  cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev);
-  g.dram_gbs = 2.0 * mem_khz * 1e3 * (bus_bits / 8.0) / 1e9;
-  const int cc = g.cc_major * 10 + g.cc_minor;
-  const double tensor_per_sm = cc == 80 ? 2048 : g.cc_major == 9 ? 4096 : g.cc_major >= 10 ? 8192 : 1024;
-  const double fp32_per_sm = cc == 80 ? 128 : 256;
-  g.tensor_16bit_tflops = g.sms * g.clock_ghz * 1e9 * tensor_per_sm / 1e12;
-  g.fp32_tflops = g.sms * g.clock_ghz * 1e9 * fp32_per_sm / 1e12;
-  return g;
-}
-
-const gpu_peaks& peaks() {
-  static const gpu_peaks g = query_peaks();
-  return g;
-}
-
-template <class T>
-struct device_array {
-  T* ptr = nullptr;
-  explicit device_array(std::size_t n, std::uint64_t seed) {
-    cuda::detail::check(cudaMalloc(&ptr, std::max<std::size_t>(n, 1) * sizeof(T)), "bench", "cudaMalloc");
-    std::mt19937_64 g(seed);
-    std::uniform_real_distribution<float> u(-1.f, 1.f);
-    std::vector<T> h(n);
-    for (auto& x : h) x = T(u(g));
-    cuda::detail::check(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), "bench",
-                        "cudaMemcpy");
-  }
-  device_array(const device_array&) = delete;
-  device_array& operator=(const device_array&) = delete;
-  ~device_array() { cudaFree(ptr); }
-};
 
 // Times flash_attention on B x Nq x Hq x D queries against Nk keys of Hkv heads, BSHD, f32 output.
 template <class T>
@@ -94,24 +44,7 @@ void run(benchmark::State& state, index_t Nq, index_t Nk, index_t Hq, index_t Hk
     cuda::flash_attention(bshd<const T>(q.ptr, B, Nq, Hq, D), bshd<const T>(k.ptr, B, Nk, Hkv, D),
                           bshd<const T>(v.ptr, B, Nk, Hkv, D), bshd(out.ptr, B, Nq, Hq, D), p);
   };
-  call();  // warm-up: module load, smem opt-in, memory pool
-  cuda::synchronize();
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  double seconds = 0;
-  for (auto _ : state) {
-    cudaEventRecord(start);
-    call();
-    cudaEventRecord(stop);
-    cuda::synchronize();
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    seconds += ms / 1e3;
-    state.SetIterationTime(ms / 1e3);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
+  const double seconds = time_calls(state, call);
   const double iters = double(state.iterations());
   const double flops = 4.0 * double(B * Hq * Nq * Nk * D) / (causal && Nq == Nk ? 2.0 : 1.0);
   const double tflops = flops * iters / seconds / 1e12;
@@ -124,6 +57,63 @@ void run(benchmark::State& state, index_t Nq, index_t Nk, index_t Hq, index_t Hk
     state.counters["GBs"] = gbs;
     state.counters["pct_bw"] = 100.0 * gbs / peaks().dram_gbs;
   }
+}
+
+// ---- block-sparse (bench_block_sparse's shapes) ----
+
+constexpr index_t bs_D = 128, block = 128;
+
+index_t bs_heads(index_t N) { return N >= 32768 ? 4 : 8; }
+
+block_mask random_mask(index_t N, index_t H, double density, std::uint64_t seed) {
+  const index_t nb = (N + block - 1) / block;
+  const index_t per_row = std::max<index_t>(1, index_t(std::llround(density * double(nb))));
+  std::vector<std::uint8_t> grid(std::size_t(H * nb * nb), 0);
+  std::mt19937_64 g(seed);
+  std::vector<index_t> idx(static_cast<std::size_t>(nb));
+  for (index_t r = 0; r < H * nb; ++r) {
+    std::iota(idx.begin(), idx.end(), index_t(0));
+    std::shuffle(idx.begin(), idx.end(), g);
+    for (index_t i = 0; i < per_row; ++i) grid[std::size_t(r * nb + idx[std::size_t(i)])] = 1;
+  }
+  return block_mask::from_dense(
+      block, block, tensor_view<const std::uint8_t, 4>(grid.data(), {1, H, nb, nb}, {H * nb * nb, nb * nb, nb, 1}));
+}
+
+double computed_scores(const block_mask& m, index_t N) {
+  double n = 0;
+  for (index_t h = 0; h < m.heads(); ++h)
+    for (index_t qb = 0; qb < m.q_blocks(); ++qb) {
+      const index_t rows = std::min(N, (qb + 1) * block) - qb * block;
+      for (const auto& r : m.active(0, h, qb)) n += double(rows) * double(std::min(N, r.end * block) - r.begin * block);
+    }
+  return n;
+}
+
+// density_pct < 0: dense flash_attention on the same shape.
+template <class T>
+void run_block_sparse(benchmark::State& state, index_t N, int density_pct) {
+  const index_t H = bs_heads(N), D = bs_D;
+  const auto n = std::size_t(N * H * D);
+  device_array<T> q(n, 1), k(n, 2), v(n, 3);
+  device_array<float> out(n, 4);
+  const auto view = [&](const device_array<T>& x) { return bshd<const T>(x.ptr, 1, N, H, D); };
+  double scores = double(H) * double(N) * double(N);
+  std::function<void()> call;
+  block_mask mask;
+  if (density_pct < 0) {
+    call = [&] { cuda::flash_attention(view(q), view(k), view(v), bshd(out.ptr, 1, N, H, D)); };
+  } else {
+    mask = random_mask(N, H, density_pct / 100.0, 7);
+    scores = computed_scores(mask, N);
+    state.counters["density"] = mask.density();
+    call = [&] { cuda::block_sparse_attention(view(q), view(k), view(v), bshd(out.ptr, 1, N, H, D), mask); };
+  }
+  const double seconds = time_calls(state, call);
+  const double tflops = 4.0 * double(D) * scores * double(state.iterations()) / seconds / 1e12;
+  state.counters["TFLOPs"] = tflops;
+  state.counters["pct_peak"] =
+      100.0 * tflops / (std::is_same_v<T, float> ? peaks().fp32_tflops : peaks().tensor_16bit_tflops);
 }
 
 template <class T>
@@ -146,29 +136,23 @@ void register_all(const char* type) {
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   }
+  // Block-sparse for bf16 only: its Sparse kernels are the extra compile time of this file.
+  if constexpr (std::is_same_v<T, bf16>)
+    for (index_t N : {4096, 16384, 32768})
+      for (int density : {-1, 10, 25, 50}) {
+        const std::string name = std::string(density < 0 ? "cuda_flash_dense/" : "cuda_block_sparse/") + type + "/N" +
+                                 std::to_string(N) + (density < 0 ? "" : "/density" + std::to_string(density));
+        benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { run_block_sparse<T>(s, N, density); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("no CUDA device visible: CUDA benches skipped\n");
-    return 0;
-  }
-  const gpu_peaks& g = peaks();
-  benchmark::AddCustomContext("gpu", g.name);
-  benchmark::AddCustomContext("gpu_cc", std::to_string(g.cc_major) + "." + std::to_string(g.cc_minor));
-  benchmark::AddCustomContext("gpu_sms", std::to_string(g.sms));
-  benchmark::AddCustomContext("gpu_clock_ghz", std::to_string(g.clock_ghz));
-  benchmark::AddCustomContext("peak_tensor_16bit_tflops", std::to_string(g.tensor_16bit_tflops));
-  benchmark::AddCustomContext("peak_fp32_tflops", std::to_string(g.fp32_tflops));
-  benchmark::AddCustomContext("peak_dram_gbs", std::to_string(g.dram_gbs));
-  register_all<bf16>("bf16");
-  register_all<float>("f32");
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return run_main(argc, argv, [] {
+    register_all<bf16>("bf16");
+    register_all<float>("f32");
+  });
 }

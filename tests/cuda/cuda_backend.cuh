@@ -1,9 +1,13 @@
-// The GPU backend of flash_cases.hpp: copies each host tensor (whole buffer, padding included, same
-// strides) to device memory, calls attnkit::cuda::flash_attention / merge_attention_states on a
-// stream, waits with attnkit::cuda::synchronize and copies the outputs back.
+// The GPU backend of the case lists (flash_cases.hpp, block_sparse_cases.hpp, linear_cases.hpp, ...):
+// copies each host tensor (whole buffer, padding included, same strides) to device memory, calls
+// the attnkit::cuda operator on a stream, waits with attnkit::cuda::synchronize and copies the
+// outputs back.
 #pragma once
 
 #include <attnkit/cuda/flash.cuh>  // first: includes the core headers the way nvcc wants them
+#include <attnkit/cuda/block_sparse.cuh>
+#include <attnkit/cuda/circular.cuh>
+#include <attnkit/cuda/linear.cuh>
 
 #include <optional>
 
@@ -53,31 +57,75 @@ struct device_view {
 struct gpu_backend {
   cudaStream_t stream = nullptr;
 
-  template <class T, class TO>
-  void flash(const problem<T>& p, tensor4<TO>& out, tensor3<TO>* lse) {
-    device_view<T, 4> q(p.q.buf, p.q.view), k(p.k.buf, p.k.view), v(p.v.buf, p.v.view);
+  // q, k, v and the parameter arrays of a problem in device memory.
+  template <class T>
+  struct device_problem {
+    device_view<T, 4> q, k, v;
+    std::optional<device_view<const float, 4>> bias;
+    device_buffer<float> slopes;
+    device_buffer<index_t> lengths;
+    attention_params params;  // the problem's parameters with device copies of the arrays
+    explicit device_problem(const problem<T>& p)
+        : q(p.q.buf, p.q.view), k(p.k.buf, p.k.view), v(p.v.buf, p.v.view), slopes(p.slopes.size()),
+          lengths(p.lengths.size()), params(p.params) {
+      if (p.params.bias.data() != nullptr) {
+        bias.emplace(p.bias_buf, p.params.bias);
+        params.bias = bias->view;
+      }
+      slopes.upload(p.slopes.data());
+      if (p.params.alibi_slopes) params.alibi_slopes = slopes.ptr;
+      lengths.upload(p.lengths.data());
+      if (p.params.kv_lengths) params.kv_lengths = lengths.ptr;
+    }
+  };
+
+  // Runs op(q, k, v, out, params, lse) on device copies and downloads out and lse.
+  template <class T, class TO, class Op>
+  void attention(const problem<T>& p, tensor4<TO>& out, tensor3<TO>* lse, Op&& op) {
+    device_problem<T> d(p);
     device_view<TO, 4> o(out.buf, out.view);
     std::optional<device_view<TO, 3>> l;
     if (lse) l.emplace(lse->buf, lse->view);
-    attention_params dp = p.params;  // the same parameters with device copies of the arrays
-    std::optional<device_view<const float, 4>> bias;
-    if (p.params.bias.data() != nullptr) {
-      bias.emplace(p.bias_buf, p.params.bias);
-      dp.bias = bias->view;
-    }
-    device_buffer<float> slopes(p.slopes.size());
-    slopes.upload(p.slopes.data());
-    if (p.params.alibi_slopes) dp.alibi_slopes = slopes.ptr;
-    device_buffer<index_t> lengths(p.lengths.size());
-    lengths.upload(p.lengths.data());
-    if (p.params.kv_lengths) dp.kv_lengths = lengths.ptr;
-
-    cuda::flash_attention(tensor_view<const T, 4>(q.view), tensor_view<const T, 4>(k.view),
-                          tensor_view<const T, 4>(v.view), o.view, dp, l ? l->view : tensor_view<TO, 3>{},
-                          stream);
+    op(tensor_view<const T, 4>(d.q.view), tensor_view<const T, 4>(d.k.view), tensor_view<const T, 4>(d.v.view),
+       o.view, d.params, l ? l->view : tensor_view<TO, 3>{});
     cuda::synchronize(stream);
     o.download(out.buf);
     if (lse) l->download(lse->buf);
+  }
+
+  template <class T, class TO>
+  void flash(const problem<T>& p, tensor4<TO>& out, tensor3<TO>* lse) {
+    attention(p, out, lse, [&](auto q, auto k, auto v, auto o, const attention_params& dp, auto l) {
+      cuda::flash_attention(q, k, v, o, dp, l, stream);
+    });
+  }
+
+  template <class T, class TO>
+  void block_sparse(const problem<T>& p, const block_mask& mask, tensor4<TO>& out, tensor3<TO>* lse) {
+    attention(p, out, lse, [&](auto q, auto k, auto v, auto o, const attention_params& dp, auto l) {
+      cuda::block_sparse_attention(q, k, v, o, mask, dp, l, stream);
+    });
+  }
+
+  template <class T, class TO>
+  void linear(const tensor4<T>& q, const tensor4<T>& k, const tensor4<T>& v, tensor4<TO>& out,
+              const linear_params& p) {
+    device_view<T, 4> dq(q.buf, q.view), dk(k.buf, k.view), dv(v.buf, v.view);
+    device_view<TO, 4> o(out.buf, out.view);
+    cuda::linear_attention(tensor_view<const T, 4>(dq.view), tensor_view<const T, 4>(dk.view),
+                           tensor_view<const T, 4>(dv.view), o.view, p, stream);
+    cuda::synchronize(stream);
+    o.download(out.buf);
+  }
+
+  template <class TL, class TV, class TO>
+  void circular(const tensor3<TL>& l, const tensor4<TV>& v, tensor4<TO>& out, const circular_params& p) {
+    device_view<TL, 3> dl(l.buf, l.view);
+    device_view<TV, 4> dv(v.buf, v.view);
+    device_view<TO, 4> o(out.buf, out.view);
+    cuda::circular_attention(tensor_view<const TL, 3>(dl.view), tensor_view<const TV, 4>(dv.view), o.view, p, stream);
+    cuda::synchronize(stream);
+    o.download(out.buf);
   }
 
   template <class TO>

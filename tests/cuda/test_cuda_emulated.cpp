@@ -6,8 +6,7 @@
 #define ATTNKIT_CUDA_EMULATION "emulation/warp_emulator.hpp"
 #include <attnkit/cuda/flash_plan.cuh>
 
-#include <memory>
-
+#include "emulation/emulated_launcher.hpp"
 #include "flash_cases.hpp"
 
 using namespace attnkit;
@@ -16,26 +15,6 @@ using test::tensor3;
 using test::tensor4;
 
 namespace {
-
-// flash_plan.cuh's Launcher running kernels on host threads.
-struct emulated_launcher {
-  template <class... Params, class... Args>
-  void kernel(const char*, void (*k)(Params...), dim3 grid, int threads, std::size_t smem_bytes,
-              Args&&... args) {
-    attnkit_emu::launch(k, grid, dim3(static_cast<unsigned>(threads)), smem_bytes,
-                        std::forward<Args>(args)...);
-  }
-  struct buffer {
-    std::unique_ptr<double[]> storage;  // double-aligned, enough for float or double workspaces
-    void* ptr = nullptr;
-  };
-  buffer workspace(std::size_t bytes) {
-    buffer b;
-    b.storage = std::make_unique<double[]>(bytes / sizeof(double) + 1);
-    b.ptr = b.storage.get();
-    return b;
-  }
-};
 
 // The emulated counterpart of attnkit::cuda::flash_attention / merge_attention_states: the same
 // host-side preparation and launch sequence (flash_plan.cuh), host memory standing in for device

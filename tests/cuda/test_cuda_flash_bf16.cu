@@ -1,8 +1,22 @@
 // attnkit::cuda::flash_attention and merge_attention_states with bf16 inputs (tensor-core path) against
-// reference_attention, on the GPU: every case list of flash_cases.hpp at full size.
-#include "cuda_backend.cuh"
+// reference_attention, on the GPU: every case list of flash_cases.hpp at full size; and
+// block_sparse_attention (the flash kernel's Sparse instantiation) on the case lists of
+// block_sparse_cases.hpp. Block-sparse runs for bf16 and float only (the tensor-core and FMA paths;
+// f16 and double differ from them only in the mma variant / precision), to keep the CI build short.
+#include "cuda_backend.cuh"  // first: the attnkit/cuda headers, then the cases
+#include "block_sparse_cases.hpp"
 
 TEST_CASE("cuda flash bf16 vs reference", "[cuda][bf16]") {
   attnkit::test::cuda_cases::gpu_backend backend;
   attnkit::test::cuda_cases::run_flash_suite<attnkit::bf16>(backend, false);
+}
+
+TEST_CASE("cuda block-sparse bf16 vs reference", "[cuda][block_sparse][bf16]") {
+  attnkit::test::cuda_cases::gpu_backend backend;
+  attnkit::test::cuda_cases::run_block_sparse_suite<attnkit::bf16>(backend, false);
+}
+
+TEST_CASE("cuda block-sparse bf16 with a full mask equals flash_attention bitwise", "[cuda][block_sparse][bf16]") {
+  attnkit::test::cuda_cases::gpu_backend backend;
+  attnkit::test::cuda_cases::check_full_mask_equals_flash<attnkit::bf16>(backend);
 }

@@ -35,57 +35,6 @@
 
 namespace attnkit::cuda {
 
-namespace detail {
-
-// Lets `kernel` use `bytes` of dynamic shared memory (the default cap is 48 KiB).
-template <class Kernel>
-void allow_shared_memory(std::string_view fn, Kernel* kernel, std::size_t bytes, const device_info& dev) {
-  attnkit::detail::require(bytes <= static_cast<std::size_t>(dev.smem_optin), fn, "device",
-                           attnkit::detail::text(bytes, " bytes of shared memory per block"),
-                           attnkit::detail::text(dev.smem_optin, " bytes"));
-  if (bytes > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-          fn, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-}
-
-// The Launcher of flash_plan.cuh for real GPUs: <<<...>>> on the caller's stream, launch errors
-// checked, workspace from the stream-ordered pool.
-struct stream_launcher {
-  std::string_view fn;
-  const device_info& dev;
-  cudaStream_t stream;
-
-  template <class... Params, class... Args>
-  void kernel(const char* name, void (*k)(Params...), dim3 grid, int threads, std::size_t smem_bytes,
-              Args&&... args) {
-    allow_shared_memory(fn, k, smem_bytes, dev);
-    k<<<grid, threads, smem_bytes, stream>>>(std::forward<Args>(args)...);
-    check_launch(fn, name, stream);
-  }
-
-  // Stream-ordered workspace, released on the stream however the launcher exits.
-  struct buffer {
-    void* ptr = nullptr;
-    cudaStream_t stream = nullptr;
-    buffer(std::string_view fn, std::size_t bytes, cudaStream_t s) : stream(s) {
-      check(cudaMallocAsync(&ptr, bytes, s), fn, "cudaMallocAsync (split-KV workspace)");
-    }
-    buffer(const buffer&) = delete;
-    buffer& operator=(const buffer&) = delete;
-    ~buffer() {
-      if (ptr != nullptr) (void)cudaFreeAsync(ptr, stream);
-    }
-  };
-  buffer workspace(std::size_t bytes) { return buffer(fn, bytes, stream); }
-};
-
-template <class T>
-void require_device_view(std::string_view fn, std::string_view arg, const T& view, const device_info& dev) {
-  if (!view.empty()) require_device_pointer(fn, arg, view.data(), dev);
-}
-
-}  // namespace detail
-
 // out = softmax(logits) v for every (batch, query, head), exactly as attnkit::reference_attention
 // defines it for every attention_params field; lse (optional, logical (batch, head, seq)) receives
 // the log-sum-exp. Fully masked rows give out = 0 and lse = -inf. Any strides, grouped-query heads,

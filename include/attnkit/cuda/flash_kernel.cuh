@@ -114,6 +114,14 @@ struct flash_args {
   bool causal = false;
   index_t window_left = -1, window_right = -1;
   bool q_vec = false, k_vec = false, v_vec = false;  // 16-byte vector loads are legal for q/k/v
+  // Block-sparse attention (block_sparse_plan.cuh, flash_forward_kernel<..., Sparse = true>). Block x visits
+  // the key tiles (of block_n keys) of runs tile_runs[2r] <= tile < tile_runs[2r + 1] for r in
+  // [tile_run_offsets[x], tile_run_offsets[x + 1]), and within them the keys j of row (b, h, i)
+  // with mask[b * mask_bs + h * mask_hs + (i / mask_bq) * mask_kb + j / mask_bk] != 0.
+  const index_t* tile_run_offsets = nullptr;
+  const int* tile_runs = nullptr;
+  const unsigned char* mask = nullptr;
+  index_t mask_bs = 0, mask_hs = 0, mask_bq = 1, mask_bk = 1, mask_kb = 0;
 };
 
 // ---- small device helpers -------------------------------------------------------------------------
@@ -290,7 +298,9 @@ __device__ __forceinline__ void tile_accumulate(typename Cfg::acc (&o)[Cfg::head
 
 // ---- the flash kernel -----------------------------------------------------------------------------
 
-template <class Cfg, class TO, class TL>
+// Sparse: block-sparse attention (the tile_runs / mask fields of flash_args); a separate
+// instantiation so that the dense kernel carries none of its state (registers, occupancy).
+template <class Cfg, class TO, class TL, bool Sparse = false>
 __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash_args a) {
   using E = typename Cfg::elem;
   using A = typename Cfg::acc;
@@ -351,6 +361,29 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
     hi_first = hi0;
   }
 
+  // The key tiles to visit, in increasing order: seek(n) is the first tile start >= n (a multiple of
+  // BN) that the block visits: n itself for dense attention, else inside one of the block's runs
+  // (kv_hi when there is none left). Block-uniform: every thread walks the same runs.
+  const int* runs = a.tile_runs;
+  index_t run = 0, run_end = 0;
+  if constexpr (Sparse) run = a.tile_run_offsets[blockIdx.x], run_end = a.tile_run_offsets[blockIdx.x + 1];
+  auto seek = [&](index_t n) -> index_t {
+    if constexpr (!Sparse) {
+      return n;
+    } else {
+      while (run < run_end && static_cast<index_t>(runs[2 * run + 1]) * BN <= n) ++run;
+      if (run == run_end) return kv_hi;
+      const index_t start = static_cast<index_t>(runs[2 * run]) * BN;
+      return start > n ? start : n;
+    }
+  };
+  // Block-sparse: this lane's rows of the mask (indexed by key block).
+  const unsigned char* row_mask[2] = {nullptr, nullptr};
+  if constexpr (Sparse)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      row_mask[e] = a.mask + b * a.mask_bs + row_h[e] * a.mask_hs + (row_i[e] / a.mask_bq) * a.mask_kb;
+
   A o[DT][4];
 #pragma unroll
   for (int c = 0; c < DT; ++c)
@@ -358,7 +391,8 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
     for (int x = 0; x < 4; ++x) o[c][x] = A(0);
   kernels::softmax_state<A> state[2];
 
-  if (kv_lo < kv_hi) {  // block-uniform: every thread takes the same branch and loop trips
+  const index_t n_first = kv_lo < kv_hi ? seek(kv_lo / BN * BN) : kv_hi;
+  if (n_first < kv_hi) {  // block-uniform: every thread takes the same branch and loop trips
     const E* const q_g = static_cast<const E*>(a.q) + b * a.qs[0];
     const E* const k_g = static_cast<const E*>(a.k) + b * a.ks[0] + hk * a.ks[2];
     const E* const v_g = static_cast<const E*>(a.v) + b * a.vs[0] + hk * a.vs[2];
@@ -376,12 +410,11 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
       };
     };
 
-    const index_t n_first = kv_lo / BN * BN;
     load_tile<Cfg, BM>(q_s, q_row, a.head_dim, a.qs[3], a.q_vec);
     load_tile<Cfg, BN>(k_s, key_row(k_g, a.ks[1], n_first), a.head_dim, a.ks[3], a.k_vec);
     cp_async_commit();
 
-    for (index_t n0 = n_first; n0 < kv_hi; n0 += BN) {
+    for (index_t n0 = n_first, n_next; n0 < kv_hi; n0 = n_next) {
       // K(n0) (and Q) have landed; every warp has finished reading V of the previous tile.
       cp_async_wait_all();
       __syncthreads();
@@ -393,14 +426,15 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
 
       // Logits as DESIGN.md defines them, then the mask. Tiles inside every row's range skip the
       // per-element range test.
-      const bool full_tile = lo_last <= n0 && n0 + BN <= hi_first;
+      const bool full_tile = !Sparse && lo_last <= n0 && n0 + BN <= hi_first;
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
           const int e = x >> 1;
           const index_t j = n0 + 8 * n + 2 * t + (x & 1);
-          if (!full_tile && !(j >= row_lo[e] && j < row_hi[e])) {
+          if (!full_tile &&
+              (!(j >= row_lo[e] && j < row_hi[e]) || (Sparse && row_mask[e][j / a.mask_bk] == 0))) {
             s[n][x] = -inf;
             continue;
           }
@@ -447,8 +481,9 @@ __global__ void __launch_bounds__(Cfg::threads) flash_forward_kernel(const flash
       // while P V runs.
       cp_async_wait_all();
       __syncthreads();
-      if (n0 + BN < kv_hi) {
-        load_tile<Cfg, BN>(k_s, key_row(k_g, a.ks[1], n0 + BN), a.head_dim, a.ks[3], a.k_vec);
+      n_next = seek(n0 + BN);
+      if (n_next < kv_hi) {
+        load_tile<Cfg, BN>(k_s, key_row(k_g, a.ks[1], n_next), a.head_dim, a.ks[3], a.k_vec);
         cp_async_commit();
       }
       tile_accumulate<Cfg>(o, s, v_s, lane);

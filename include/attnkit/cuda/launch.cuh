@@ -20,9 +20,11 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "attnkit/cuda/core.cuh"
 
@@ -111,6 +113,74 @@ inline void require_device_pointer(std::string_view fn, std::string_view arg, co
   attnkit::detail::require(ok, fn, arg,
                            "a pointer the CUDA device can access (device, managed or mapped host memory)",
                            memory_type_name(at.type));
+}
+
+// The host side of a kernel launch and its workspace.
+// Lets `kernel` use `bytes` of dynamic shared memory (the default cap is 48 KiB).
+template <class Kernel>
+void allow_shared_memory(std::string_view fn, Kernel* kernel, std::size_t bytes, const device_info& dev) {
+  attnkit::detail::require(bytes <= static_cast<std::size_t>(dev.smem_optin), fn, "device",
+                           attnkit::detail::text(bytes, " bytes of shared memory per block"),
+                           attnkit::detail::text(dev.smem_optin, " bytes"));
+  if (bytes > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+          fn, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+}
+
+// The Launcher of the plan headers (flash_plan.cuh, linear_plan.cuh, ...) for real GPUs: <<<...>>>
+// on the caller's stream, launch errors checked, workspace from the stream-ordered pool, uploads
+// as stream-ordered copies.
+struct stream_launcher {
+  std::string_view fn;
+  const device_info& dev;
+  cudaStream_t stream;
+
+  template <class... Params, class... Args>
+  void kernel(const char* name, void (*k)(Params...), dim3 grid, int threads, std::size_t smem_bytes,
+              Args&&... args) {
+    allow_shared_memory(fn, k, smem_bytes, dev);
+    k<<<grid, threads, smem_bytes, stream>>>(std::forward<Args>(args)...);
+    check_launch(fn, name, stream);
+  }
+
+  // Stream-ordered workspace, released on the stream however the launcher exits. On devices without
+  // memory pools it is plain cudaMalloc memory, freed after the stream has drained (that launcher
+  // call then waits for its kernels).
+  struct buffer {
+    void* ptr = nullptr;
+    cudaStream_t stream = nullptr;
+    bool pooled = true;
+    buffer(std::string_view fn, std::size_t bytes, cudaStream_t s, bool pools) : stream(s), pooled(pools) {
+      if (pooled)
+        check(cudaMallocAsync(&ptr, bytes, s), fn, "cudaMallocAsync (workspace)");
+      else
+        check(cudaMalloc(&ptr, bytes), fn, "cudaMalloc (workspace)");
+    }
+    buffer(const buffer&) = delete;
+    buffer& operator=(const buffer&) = delete;
+    ~buffer() {
+      if (ptr == nullptr) return;
+      if (pooled) {
+        (void)cudaFreeAsync(ptr, stream);
+      } else {
+        (void)cudaStreamSynchronize(stream);
+        (void)cudaFree(ptr);
+      }
+    }
+  };
+  buffer workspace(std::size_t bytes) { return buffer(fn, bytes, stream, dev.memory_pools); }
+
+  // Copies host memory into device memory in stream order; the host buffer may be reused as soon as
+  // this returns (pageable memory is staged before cudaMemcpyAsync returns).
+  void upload(void* dst, const void* src, std::size_t bytes) {
+    if (bytes != 0)
+      check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), fn, "cudaMemcpyAsync (parameters)");
+  }
+};
+
+template <class T>
+void require_device_view(std::string_view fn, std::string_view arg, const T& view, const device_info& dev) {
+  if (!view.empty()) require_device_pointer(fn, arg, view.data(), dev);
 }
 
 }  // namespace detail

@@ -69,6 +69,7 @@
 #include "attnkit/core/tensor_view.hpp"
 #include "attnkit/core/types.hpp"
 #include "attnkit/kernels/gemm.hpp"
+#include "attnkit/kernels/linear_math.hpp"
 #include "attnkit/simd/simd.hpp"
 
 namespace attnkit {
@@ -453,7 +454,7 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
         for (; i + simd::width <= n; i += simd::width) simd::store(x + i, f(simd::load(x + i)));
         if (i < n) simd::store_tail(x + i, f(simd::load_tail(x + i, n - i)), n - i);
       } else {
-        for (index_t i = 0; i < n; ++i) x[i] = x[i] <= 0 ? std::exp(x[i]) : x[i] + 1;
+        for (index_t i = 0; i < n; ++i) x[i] = kernels::elu_plus_one(x[i]);
       }
       return;
     case feature_map::relu:
@@ -464,9 +465,9 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
           const simd::vec v = simd::load(x + i);
           simd::store(x + i, xsimd::select(v < zero, zero, v));
         }
-        for (; i < n; ++i) x[i] = x[i] < 0.f ? 0.f : x[i];
+        for (; i < n; ++i) x[i] = kernels::relu(x[i]);
       } else {
-        for (index_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? 0 : x[i];
+        for (index_t i = 0; i < n; ++i) x[i] = kernels::relu(x[i]);
       }
       return;
     case feature_map::cosine: {
@@ -713,15 +714,7 @@ inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc 
   if (pl.Dv == 0) return;
   TO* dst = &out(b, t, h, 0);
   const index_t ds = out.stride(3);
-  Acc f = 1;
-  if (pl.normalize) {
-    Acc e = pl.eps;
-    if (pl.favor()) e = pl.eps > 0 ? std::exp(pl.log_eps - stab) : Acc(0);
-    const Acc d = den + e;
-    f = d == 0 ? Acc(0) : Acc(1) / d;  // a zero denominator gives 0 (only reachable with eps = 0)
-  } else if (pl.favor()) {
-    f = std::exp(stab);
-  }
+  const Acc f = kernels::linear_output_factor(pl.normalize, pl.favor(), pl.eps, pl.log_eps, den, stab);
   scale_store(dst, ds, o, f, pl.Dv);
 }
 

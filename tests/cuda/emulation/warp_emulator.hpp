@@ -450,6 +450,12 @@ inline void __syncthreads() {
   attnkit_emu::meet(attnkit_emu::g_block->block_meet, [] {});
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { attnkit_emu::warp_collective(attnkit_emu::op::sync); }
+// Threads of the emulation never run concurrently: a plain read-modify-write is atomic.
+inline unsigned long long atomicMin(unsigned long long* address, unsigned long long val) {
+  const unsigned long long old = *address;
+  if (val < old) *address = val;
+  return old;
+}
 template <class T>
 T __shfl_sync(unsigned, T v, int src) {
   return attnkit_emu::shuffle(v, src);
