@@ -419,17 +419,32 @@ inline void load_row(Acc* dst, const T* src, index_t stride, index_t n) {
   for (index_t i = 0; i < n; ++i) dst[i] = convert<Acc>(src[i * stride]);
 }
 
-// Prefetches rows [t0, t0 + L) of head `head` (L2 hint; rw = 1 for rows about to be written). The
-// operators walk one head of a (batch, seq, head, dim) tensor, a strided pattern the hardware
-// prefetchers follow poorly once the tensors leave the caches; asking one chunk ahead hides it.
+// The rows of one (batch, head) of a (batch, seq, head, dim) view: row t starts at base + t * ld,
+// its elements inc apart. Hot loops address rows through this rather than tensor_view's 4-index
+// operator(), whose offset GCC vectorizes through the stack: a store-forwarding stall per row that
+// waits behind every pending store (out rows still missing the cache included).
+template <class T>
+struct head_rows {
+  T* base = nullptr;
+  index_t ld = 0, inc = 1, n = 0;  // n: elements per row
+  T* operator()(index_t t) const { return base + t * ld; }
+};
+
+template <class T>
+head_rows<T> rows_of(const tensor_view<T, 4>& x, index_t b, index_t head) {
+  return {x.data() + b * x.stride(0) + head * x.stride(2), x.stride(1), x.stride(3), x.extent(3)};
+}
+
+// Prefetches rows [t0, t0 + L) (L2 hint; rw = 1 for rows about to be written). The operators walk
+// one head of a (batch, seq, head, dim) tensor, a strided pattern the hardware prefetchers follow
+// poorly once the tensors leave the caches; asking a chunk or two ahead hides it.
 // Always inlined: GCC's IPA otherwise finds the function free of side effects and drops its calls.
 template <int RW = 0, class T>
-[[gnu::always_inline]] inline void prefetch_rows(const tensor_view<T, 4>& x, index_t b, index_t t0, index_t L, index_t head) {
-  const index_t n = x.extent(3);
-  if (n == 0) return;
-  const index_t bytes = ((n - 1) * x.stride(3) + 1) * index_t(sizeof(T));
+[[gnu::always_inline]] inline void prefetch_rows(const head_rows<T>& x, index_t t0, index_t L) {
+  if (x.n == 0) return;
+  const index_t bytes = ((x.n - 1) * x.inc + 1) * index_t(sizeof(T));
   for (index_t j = 0; j < L; ++j) {
-    const char* row = reinterpret_cast<const char*>(&x(b, t0 + j, head, 0));
+    const char* row = reinterpret_cast<const char*>(x(t0 + j));
     for (index_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, RW, 2);
   }
 }
@@ -611,14 +626,13 @@ struct linear_scratch {
 
 // ---- feature rows -------------------------------------------------------------------------------------
 
-// FAVOR+ logits of rows [t0, t0 + L) of head `head`: u[j][f] = (W x'_j)_f into ws.u (ld Fp), and
+// FAVOR+ logits of rows [t0, t0 + L) of x: u[j][f] = (W x'_j)_f into ws.u (ld Fp), and
 // hn[j] = |x'_j|^2 / 2.
 template <class Acc, class T>
-void favor_logits(const linear_plan<Acc>& pl, const tensor_view<T, 4>& x, index_t b, index_t t0, index_t L,
-                  index_t head, linear_scratch<Acc>& ws) {
+void favor_logits(const linear_plan<Acc>& pl, const head_rows<T>& x, index_t t0, index_t L, linear_scratch<Acc>& ws) {
   Acc* X = ws.x;
   for (index_t j = 0; j < L; ++j) {
-    if (pl.D > 0) load_row(X + j * pl.D, &x(b, t0 + j, head, 0), x.stride(3), pl.D);
+    if (pl.D > 0) load_row(X + j * pl.D, x(t0 + j), x.inc, pl.D);
     ws.hn[j] = pl.half_scale * vdot(X + j * pl.D, X + j * pl.D, pl.D);
   }
   Acc* U = ws.u;
@@ -628,10 +642,10 @@ void favor_logits(const linear_plan<Acc>& pl, const tensor_view<T, 4>& x, index_
 
 // phi of query rows [t0, t0 + L) into dst (ld ldd); stab[j] = the row's stabilizer M_q (0 unless favor).
 template <class Acc, class T>
-void query_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& q, index_t b, index_t t0, index_t L,
-                    index_t h, linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc* stab) {
+void query_features(const linear_plan<Acc>& pl, const head_rows<T>& q, index_t t0, index_t L,
+                    linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc* stab) {
   if (pl.favor()) {
-    favor_logits(pl, q, b, t0, L, h, ws);
+    favor_logits(pl, q, t0, L, ws);
     for (index_t j = 0; j < L; ++j) {
       const Acc* u = ws.u + j * pl.Fp;
       const Acc mq = max_ignoring_nan(u, pl.F);
@@ -642,7 +656,7 @@ void query_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& q, inde
   }
   for (index_t j = 0; j < L; ++j) {
     Acc* row = dst + j * ldd;
-    if (pl.D > 0) load_row(row, &q(b, t0 + j, h, 0), q.stride(3), pl.D);
+    if (pl.D > 0) load_row(row, q(t0 + j), q.inc, pl.D);
     map_row(pl.phi, row, pl.D);
     stab[j] = 0;
   }
@@ -652,11 +666,11 @@ void query_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& q, inde
 // maximum M and returns the factor exp(M_old - M_new) by which the state accumulated so far must be
 // rescaled (1 when M did not grow).
 template <class Acc, class T>
-Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t b, index_t t0, index_t L,
-                 index_t hk, linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc& M) {
+Acc key_features(const linear_plan<Acc>& pl, const head_rows<T>& k, index_t t0, index_t L, linear_scratch<Acc>& ws,
+                 Acc* dst, index_t ldd, Acc& M) {
   Acc factor = 1;
   if (pl.favor()) {
-    favor_logits(pl, k, b, t0, L, hk, ws);
+    favor_logits(pl, k, t0, L, ws);
     Acc bm = -std::numeric_limits<Acc>::infinity();
     for (index_t j = 0; j < L; ++j) {
       const Acc m = max_ignoring_nan(ws.u + j * pl.Fp, pl.F) - ws.hn[j];
@@ -672,7 +686,7 @@ Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t
   }
   for (index_t j = 0; j < L; ++j) {
     Acc* row = dst + j * ldd;
-    if (pl.D > 0) load_row(row, &k(b, t0 + j, hk, 0), k.stride(3), pl.D);
+    if (pl.D > 0) load_row(row, k(t0 + j), k.inc, pl.D);
     map_row(pl.phi, row, pl.D);
   }
   return factor;
@@ -691,13 +705,11 @@ inline void scale_store(TO* dst, index_t ds, const Acc* o, Acc f, index_t n) {
   for (; i < n; ++i) dst[i * ds] = static_cast<TO>(o[i] * f);
 }
 
-// out row = o / (den + eps') (normalize) or o * exp(stab) (not), with the FAVOR+ stabilizers undone.
+// dst[i * ds] = o / (den + eps') (normalize) or o * exp(stab) (not) for i < Dv, with the FAVOR+
+// stabilizers undone.
 template <class Acc, class TO>
-inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc stab, const tensor_view<TO, 4>& out,
-                         index_t b, index_t t, index_t h) {
+inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc stab, TO* dst, index_t ds) {
   if (pl.Dv == 0) return;
-  TO* dst = &out(b, t, h, 0);
-  const index_t ds = out.stride(3);
   Acc f = 1;
   if (pl.normalize) {
     Acc e = pl.eps;
@@ -730,7 +742,11 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
                          const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t t0, index_t L,
                          index_t pf, index_t Lpf, causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
   constexpr index_t C = linear_chunk, MR = kernels::gemm_mr;
-  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda, h = hs.h, hk = hs.hk;
+  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
+  const head_rows<TQ> qr = rows_of(q, b, hs.h);
+  const head_rows<TK> kr = rows_of(k, b, hs.hk);
+  const head_rows<TV> vr = rows_of(v, b, hs.hk);
+  const head_rows<TO> outr = rows_of(out, b, hs.h);
   Acc* AQ = ws.aq;  // [phi(Q) | P], lda = F + C
   Acc* KR = ws.kr;  // phi(K), rows of F
   Acc* KT = ws.kt;  // phi(K)^T, F x C
@@ -743,20 +759,20 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   const Acc* pw = hs.pw.data();
   const bool decayed = hs.decayed;
 
-  // Keys (rows, and transposed for the scores) and values; a grown FAVOR+ key maximum rescales S, z.
-  const Acc r = key_features(pl, k, b, t0, L, hk, ws, KR, F, hs.M);
+  // Keys and values; a grown FAVOR+ key maximum rescales S, z.
+  const Acc r = key_features(pl, kr, t0, L, ws, KR, F, hs.M);
   if (r != Acc(1)) {
     vscale(S, r, F * Dvp);
     vscale(z, r, F);
   }
   for (index_t f = 0; f < F; ++f)
-    for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
+      for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
   if (Dv > 0)
-    for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
+    for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
 
   // Queries into the left block of AQ, then P = phi(Q) phi(K)^T into the right block, row block by
   // row block, computing only the columns up to the block's diagonal (rounded up to a vector).
-  query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
+  query_features(pl, qr, t0, L, ws, AQ, lda, stab);
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
     Acc* P = AQ + r0 * lda + F;
@@ -786,10 +802,10 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     const index_t R = std::min(MR, L - r0);
     if (r0 < Lpf) {
       const index_t n = std::min(MR, Lpf - r0);
-      prefetch_rows(q, b, pf + r0, n, h);
-      prefetch_rows(k, b, pf + r0, n, hk);
-      prefetch_rows(v, b, pf + r0, n, hk);
-      prefetch_rows<1>(out, b, pf + r0, n, h);
+      prefetch_rows(qr, pf + r0, n);
+      prefetch_rows(kr, pf + r0, n);
+      prefetch_rows(vr, pf + r0, n);
+      prefetch_rows<1>(outr, pf + r0, n);
     }
     kernels::gemm_acc(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
     tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
@@ -807,7 +823,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
   for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
 
-  for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, out, b, t0 + i, h);
+  for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
 }
 
 // Query heads [h0, h0 + nh) of batch b, chunk by chunk and head by head within a chunk: in the
@@ -876,37 +892,42 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
   Acc M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
   std::fill(S, S + F * Dvp, Acc(0));
   std::fill(z, z + F, Acc(0));
+  const head_rows<TK> kr = rows_of(k, b, hk);
+  const head_rows<TV> vr = rows_of(v, b, hk);
 
   for (index_t t0 = 0; t0 < Nk; t0 += C) {
     const index_t L = std::min(C, Nk - t0);
     if (t0 + C < Nk) {
-      prefetch_rows(k, b, t0 + C, std::min(C, Nk - t0 - C), hk);
-      prefetch_rows(v, b, t0 + C, std::min(C, Nk - t0 - C), hk);
+      prefetch_rows(kr, t0 + C, std::min(C, Nk - t0 - C));
+      prefetch_rows(vr, t0 + C, std::min(C, Nk - t0 - C));
     }
-    const Acc r = key_features(pl, k, b, t0, L, hk, ws, KR, F, M);
+    const Acc r = key_features(pl, kr, t0, L, ws, KR, F, M);
     if (r != Acc(1)) {
       vscale(S, r, F * Dvp);
       vscale(z, r, F);
     }
     if (Dv > 0)
-      for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
+      for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
     kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp);
     for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
   }
 
-  for (index_t h = hk * group; h < (hk + 1) * group; ++h)
+  for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const head_rows<TQ> qr = rows_of(q, b, h);
+    const head_rows<TO> outr = rows_of(out, b, h);
     for (index_t t0 = 0; t0 < Nq; t0 += C) {
       const index_t L = std::min(C, Nq - t0);
       if (t0 + C < Nq) {
-        prefetch_rows(q, b, t0 + C, std::min(C, Nq - t0 - C), h);
-        prefetch_rows<1>(out, b, t0 + C, std::min(C, Nq - t0 - C), h);
+        prefetch_rows(qr, t0 + C, std::min(C, Nq - t0 - C));
+        prefetch_rows<1>(outr, t0 + C, std::min(C, Nq - t0 - C));
       }
-      query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
+      query_features(pl, qr, t0, L, ws, AQ, lda, stab);
       std::fill(O, O + L * Dvp, Acc(0));
       kernels::gemm_acc(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
       for (index_t i = 0; i < L; ++i)
-        finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, out, b, t0 + i, h);
+        finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, outr(t0 + i), outr.inc);
     }
+  }
 }
 
 template <class Acc, class TQ, class TK, class TV, class TO>
@@ -1142,13 +1163,13 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
       Acc* S = state.s.data() + t * F * Dv;
       Acc* z = state.z.data() + t * F;
       Acc M = pl.favor() ? state.key_max[static_cast<std::size_t>(t)] : Acc(0);
-      const Acc r = detail::key_features(pl, k_t, b, 0, 1, hk, ws, kf, F, M);
+      const Acc r = detail::key_features(pl, detail::rows_of(k_t, b, hk), 0, 1, ws, kf, F, M);
       const Acc factor = r * (p.decay ? static_cast<Acc>(p.decay[h]) : Acc(1));
-      if (Dv > 0) detail::load_row(vb, &v_t(b, 0, hk, 0), v_t.stride(3), Dv);
+      if (Dv > 0) detail::load_row(vb, detail::rows_of(v_t, b, hk)(0), v_t.stride(3), Dv);
       if (pl.favor()) state.key_max[static_cast<std::size_t>(t)] = M;
-      detail::query_features(pl, q_t, b, 0, 1, h, ws, qf, F + 1, ws.stab);
+      detail::query_features(pl, detail::rows_of(q_t, b, h), 0, 1, ws, qf, F + 1, ws.stab);
       const Acc den = detail::recurrent_update(S, z, kf, vb, qf, factor, F, Dv, num);
-      detail::finalize_row(pl, num, den, ws.stab[0] + M, out_t, b, index_t(0), h);
+      detail::finalize_row(pl, num, den, ws.stab[0] + M, detail::rows_of(out_t, b, h)(0), out_t.stride(3));
     }
   });
   state.position += 1;
