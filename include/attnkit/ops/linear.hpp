@@ -439,19 +439,25 @@ head_rows<T> rows_of(const tensor_view<T, 4>& x, index_t b, index_t head) {
 // one head of a (batch, seq, head, dim) tensor, a strided pattern the hardware prefetchers follow
 // poorly once the tensors leave the caches; asking a chunk or two ahead hides it.
 // Always inlined: GCC's IPA otherwise finds the function free of side effects and drops its calls.
+// Every cache line a row touches: a row that does not start on a line boundary (a std::vector's
+// large blocks start 16 bytes past one) spans one line more than its length suggests.
 template <int RW = 0, class T>
 [[gnu::always_inline]] inline void prefetch_rows(const head_rows<T>& x, index_t t0, index_t L) {
   if (x.n == 0) return;
   const index_t bytes = ((x.n - 1) * x.inc + 1) * index_t(sizeof(T));
   for (index_t j = 0; j < L; ++j) {
-    const char* row = reinterpret_cast<const char*>(x(t0 + j));
-    for (index_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, RW, 2);
+    const auto first = reinterpret_cast<std::uintptr_t>(x(t0 + j));
+    const std::uintptr_t last = first + static_cast<std::uintptr_t>(bytes - 1);
+    for (std::uintptr_t line = first & ~std::uintptr_t(63); line <= last; line += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(line), RW, 2);
   }
 }
 
-// Elementwise / per-row feature maps (all but favor_positive), in place on a row of n values.
+// Elementwise / per-row feature maps (all but favor_positive), in place on `rows` rows of n values
+// (row r at x + r * ld). A whole chunk at a time: elu's exponential is a long dependency chain that
+// a row of a few vectors cannot hide, and its constants are set up once.
 template <class Acc>
-inline void map_row(feature_map phi, Acc* x, index_t n) {
+inline void map_rows(feature_map phi, Acc* x, index_t ld, index_t rows, index_t n) {
   switch (phi) {
     case feature_map::identity:
     case feature_map::favor_positive: return;
@@ -459,31 +465,41 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
       if constexpr (std::is_same_v<Acc, float>) {
         const simd::vec zero(0.f), one(1.f);
         auto f = [&](const simd::vec& v) { return xsimd::select(v <= zero, simd::exp(v), v + one); };
-        index_t i = 0;
-        for (; i + simd::width <= n; i += simd::width) simd::store(x + i, f(simd::load(x + i)));
-        if (i < n) simd::store_tail(x + i, f(simd::load_tail(x + i, n - i)), n - i);
+        for (index_t r = 0; r < rows; ++r) {
+          float* xr = x + r * ld;
+          index_t i = 0;
+          for (; i + simd::width <= n; i += simd::width) simd::store(xr + i, f(simd::load(xr + i)));
+          if (i < n) simd::store_tail(xr + i, f(simd::load_tail(xr + i, n - i)), n - i);
+        }
       } else {
-        for (index_t i = 0; i < n; ++i) x[i] = x[i] <= 0 ? std::exp(x[i]) : x[i] + 1;
+        for (index_t r = 0; r < rows; ++r)
+          for (index_t i = 0; i < n; ++i) {
+            Acc& y = x[r * ld + i];
+            y = y <= 0 ? std::exp(y) : y + 1;
+          }
       }
       return;
     case feature_map::relu:
-      if constexpr (std::is_same_v<Acc, float>) {
-        const simd::vec zero(0.f);
+      for (index_t r = 0; r < rows; ++r) {
+        Acc* xr = x + r * ld;
         index_t i = 0;
-        for (; i + simd::width <= n; i += simd::width) {
-          const simd::vec v = simd::load(x + i);
-          simd::store(x + i, xsimd::select(v < zero, zero, v));
+        if constexpr (std::is_same_v<Acc, float>) {
+          const simd::vec zero(0.f);
+          for (; i + simd::width <= n; i += simd::width) {
+            const simd::vec v = simd::load(xr + i);
+            simd::store(xr + i, xsimd::select(v < zero, zero, v));
+          }
         }
-        for (; i < n; ++i) x[i] = x[i] < 0.f ? 0.f : x[i];
-      } else {
-        for (index_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? 0 : x[i];
+        for (; i < n; ++i) xr[i] = xr[i] < 0 ? Acc(0) : xr[i];
       }
       return;
-    case feature_map::cosine: {
-      const Acc sq = vdot(x, x, n);
-      vscale(x, sq == 0 ? Acc(0) : Acc(1) / std::sqrt(sq), n);
+    case feature_map::cosine:
+      for (index_t r = 0; r < rows; ++r) {
+        Acc* xr = x + r * ld;
+        const Acc sq = vdot(xr, xr, n);
+        vscale(xr, sq == 0 ? Acc(0) : Acc(1) / std::sqrt(sq), n);
+      }
       return;
-    }
   }
 }
 
@@ -655,11 +671,10 @@ void query_features(const linear_plan<Acc>& pl, const head_rows<T>& q, index_t t
     return;
   }
   for (index_t j = 0; j < L; ++j) {
-    Acc* row = dst + j * ldd;
-    if (pl.D > 0) load_row(row, q(t0 + j), q.inc, pl.D);
-    map_row(pl.phi, row, pl.D);
+    if (pl.D > 0) load_row(dst + j * ldd, q(t0 + j), q.inc, pl.D);
     stab[j] = 0;
   }
+  map_rows(pl.phi, dst, ldd, L, pl.D);
 }
 
 // phi of key rows [t0, t0 + L) into dst (row j at dst + j * ldd). For favor, updates the running key
@@ -684,11 +699,9 @@ Acc key_features(const linear_plan<Acc>& pl, const head_rows<T>& k, index_t t0, 
       vexp_shift(dst + j * ldd, ws.u + j * pl.Fp, pl.F, ws.hn[j] + M + pl.half_log_m);
     return factor;
   }
-  for (index_t j = 0; j < L; ++j) {
-    Acc* row = dst + j * ldd;
-    if (pl.D > 0) load_row(row, k(t0 + j), k.inc, pl.D);
-    map_row(pl.phi, row, pl.D);
-  }
+  for (index_t j = 0; j < L; ++j)
+    if (pl.D > 0) load_row(dst + j * ldd, k(t0 + j), k.inc, pl.D);
+  map_rows(pl.phi, dst, ldd, L, pl.D);
   return factor;
 }
 
