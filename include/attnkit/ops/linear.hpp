@@ -380,6 +380,35 @@ inline void vaxpy(Acc* y, Acc a, const Acc* x, index_t n) {
   }
 }
 
+// y[i] += x[0][i] + x[1][i] + ... + x[rows - 1][i] for i < n (row r at x + r * ld), summed in row
+// order (the same result as one vaxpy per row) with the running sums in registers.
+template <class Acc>
+inline void vadd_rows(Acc* y, const Acc* x, index_t ld, index_t rows, index_t n) {
+  index_t i = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+    constexpr index_t W = simd::width;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      simd::vec a0 = simd::load(y + i), a1 = simd::load(y + i + W);
+      for (index_t r = 0; r < rows; ++r) {
+        a0 += simd::load(x + r * ld + i);
+        a1 += simd::load(x + r * ld + i + W);
+      }
+      simd::store(y + i, a0);
+      simd::store(y + i + W, a1);
+    }
+    for (; i + W <= n; i += W) {
+      simd::vec a = simd::load(y + i);
+      for (index_t r = 0; r < rows; ++r) a += simd::load(x + r * ld + i);
+      simd::store(y + i, a);
+    }
+  }
+  for (; i < n; ++i) {
+    Acc a = y[i];
+    for (index_t r = 0; r < rows; ++r) a += x[r * ld + i];
+    y[i] = a;
+  }
+}
+
 template <class Acc>
 inline void vscale(Acc* x, Acc a, index_t n) {
   if constexpr (std::is_same_v<Acc, float>) {
@@ -537,11 +566,12 @@ inline void tri_block(const float* p, index_t ldp, const float* v, index_t ldv, 
 template <int R>
 inline void tri_rows(index_t N, const float* p, index_t ldp, const float* v, index_t ldv, float* o, index_t ldo) {
   constexpr index_t W = simd::width;
+  // Blocks of 3 vectors, with 4 remaining vectors taken as 2 + 2 rather than 3 + 1 (an R x 1 block
+  // waits on the FMA latency), as gemm_acc does.
   index_t n = 0;
-  for (; n + 3 * W <= N; n += 3 * W) tri_block<R, 3>(p, ldp, v + n, ldv, o + n, ldo);
-  const index_t rest = (N - n) / W;
-  if (rest == 2) tri_block<R, 2>(p, ldp, v + n, ldv, o + n, ldo);
-  else if (rest == 1) tri_block<R, 1>(p, ldp, v + n, ldv, o + n, ldo);
+  for (; N - n >= 3 * W && N - n != 4 * W; n += 3 * W) tri_block<R, 3>(p, ldp, v + n, ldv, o + n, ldo);
+  for (; N - n >= 2 * W; n += 2 * W) tri_block<R, 2>(p, ldp, v + n, ldv, o + n, ldo);
+  if (N - n >= W) tri_block<R, 1>(p, ldp, v + n, ldv, o + n, ldo);
 }
 
 template <int R>
@@ -807,10 +837,9 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     den[i] = inter + vsum_padded(Pi, i + 1);
   }
 
-  // O = [phi(Q) | P] [S; V]: per row block, the rectangle left of the block's diagonal by gemm_acc
+  // O = [phi(Q) | P] [S; V]: per row block, the rectangle left of the block's diagonal by gemm_set
   // and the diagonal triangle by tri_acc (entries above the diagonal are never read). The rows of a
   // later chunk are prefetched a few at a time on the way.
-  std::fill(O, O + L * Dvp, Acc(0));
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     const index_t R = std::min(MR, L - r0);
     if (r0 < Lpf) {
@@ -820,7 +849,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
       prefetch_rows(vr, pf + r0, n);
       prefetch_rows<1>(outr, pf + r0, n);
     }
-    kernels::gemm_acc(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
+    kernels::gemm_set(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
     tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
   }
 
@@ -834,7 +863,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     vscale(z, pw[L], F);
   }
   kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
-  for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
+  vadd_rows(z, KR, F, L, F);
 
   for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
 }
@@ -922,7 +951,7 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
     if (Dv > 0)
       for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
     kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp);
-    for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
+    vadd_rows(z, KR, F, L, F);
   }
 
   for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -935,8 +964,7 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
         prefetch_rows<1>(outr, t0 + C, std::min(C, Nq - t0 - C));
       }
       query_features(pl, qr, t0, L, ws, AQ, lda, stab);
-      std::fill(O, O + L * Dvp, Acc(0));
-      kernels::gemm_acc(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
+      kernels::gemm_set(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
       for (index_t i = 0; i < L; ++i)
         finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, outr(t0 + i), outr.inc);
     }
