@@ -638,6 +638,16 @@ linear_plan<Acc> make_linear_plan(const linear_shape& ls, const linear_params& p
   return pl;
 }
 
+// p rounded up to a cache line (64 bytes). The operator's buffers are std::vectors, whose blocks
+// are only 16-byte aligned: every vector load and store of the GEMMs on them would straddle two
+// lines. Each buffer is allocated one line longer and used from its first line boundary.
+template <class Acc>
+Acc* line_aligned(Acc* p) {
+  constexpr std::uintptr_t line = 64;
+  return reinterpret_cast<Acc*>((reinterpret_cast<std::uintptr_t>(p) + line - 1) & ~(line - 1));
+}
+inline constexpr std::size_t line_slack = 64;  // elements of slack (>= one line of any Acc) for line_aligned
+
 // Per-task buffers for chunks of up to `rows` positions (linear_chunk for the parallel forms, 1 for
 // a decode step), carved from one zero-initialized allocation; padding columns are never written and
 // stay 0.
@@ -661,10 +671,11 @@ struct linear_scratch {
     Acc** slots[] = {&aq, &kr, &kt, &sv, &o, &u, &x, &z, &den, &stab, &hn, &colscale};
     index_t total = 0;
     for (index_t n : sizes) total += kernels::pad_to_width(n) + simd::width;  // vector-aligned offsets
-    buf.assign(static_cast<std::size_t>(total), Acc(0));
+    buf.assign(static_cast<std::size_t>(total) + line_slack, Acc(0));
+    Acc* base = line_aligned(buf.data());
     index_t off = 0;
     for (std::size_t i = 0; i < std::size(sizes); ++i) {
-      *slots[i] = buf.data() + off;
+      *slots[i] = base + off;
       off += kernels::pad_to_width(sizes[i]) + simd::width;
     }
   }
@@ -773,7 +784,8 @@ struct causal_head {
   index_t h = 0, hk = 0;
   bool decayed = false;
   Acc M = 0;            // FAVOR+ running key maximum
-  std::vector<Acc> sv;  // (F + C) x Dvp: [S; V], the state on top of the chunk's values
+  std::vector<Acc> sv;  // storage of s
+  Acc* s = nullptr;     // (F + C) x Dvp: [S; V], the state on top of the chunk's values (line-aligned in sv)
   std::vector<Acc> z;   // F: normalizer
   std::vector<Acc> pw;  // C + 1: gamma^n
 };
@@ -793,7 +805,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   Acc* AQ = ws.aq;  // [phi(Q) | P], lda = F + C
   Acc* KR = ws.kr;  // phi(K), rows of F
   Acc* KT = ws.kt;  // phi(K)^T, F x C
-  Acc* S = hs.sv.data();
+  Acc* S = hs.s;
   Acc* V = S + F * Dvp;
   Acc* O = ws.o;
   Acc* z = hs.z.data();
@@ -888,12 +900,12 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
       for (index_t n = 0; n <= C; ++n)
         hs.pw[static_cast<std::size_t>(n)] = static_cast<Acc>(std::pow(double(decay[hs.h]), double(n)));
     // Initial state: zero, or the caller's prefix.
-    std::fill(hs.sv.begin(), hs.sv.begin() + F * Dvp, Acc(0));
+    std::fill(hs.s, hs.s + F * Dvp, Acc(0));
     std::fill(hs.z.begin(), hs.z.end(), Acc(0));
     hs.M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
     if (st_s) {
       for (index_t f = 0; f < F; ++f) {
-        std::copy(st_s + (i * F + f) * Dv, st_s + (i * F + f + 1) * Dv, hs.sv.begin() + f * Dvp);
+        std::copy(st_s + (i * F + f) * Dv, st_s + (i * F + f + 1) * Dv, hs.s + f * Dvp);
         hs.z[static_cast<std::size_t>(f)] = st_z[i * F + f];
       }
       if (pl.favor()) hs.M = st_m[i];
@@ -909,7 +921,7 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     for (index_t i = 0; i < nh; ++i) {
       const causal_head<Acc>& hs = heads[static_cast<std::size_t>(i)];
       for (index_t f = 0; f < F; ++f) {
-        std::copy(hs.sv.begin() + f * Dvp, hs.sv.begin() + f * Dvp + Dv, st_s + (i * F + f) * Dv);
+        std::copy(hs.s + f * Dvp, hs.s + f * Dvp + Dv, st_s + (i * F + f) * Dv);
         st_z[i * F + f] = hs.z[static_cast<std::size_t>(f)];
       }
       if (pl.favor()) st_m[i] = hs.M;
@@ -983,7 +995,8 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
       linear_scratch<Acc> ws(pl, linear_chunk, false);
       std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(G));
       for (auto& hs : heads) {
-        hs.sv.assign(static_cast<std::size_t>(std::max<index_t>((F + linear_chunk) * pl.Dvp, 1)), Acc(0));
+        hs.sv.assign(static_cast<std::size_t>((F + linear_chunk) * pl.Dvp) + line_slack, Acc(0));
+        hs.s = line_aligned(hs.sv.data());
         hs.z.assign(static_cast<std::size_t>(std::max<index_t>(F, 1)), Acc(0));
         hs.pw.assign(static_cast<std::size_t>(linear_chunk + 1), Acc(1));
       }
