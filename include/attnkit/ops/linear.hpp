@@ -483,8 +483,7 @@ template <int RW = 0, class T>
 }
 
 // Elementwise / per-row feature maps (all but favor_positive), in place on `rows` rows of n values
-// (row r at x + r * ld). A whole chunk at a time: elu's exponential is a long dependency chain that
-// a row of a few vectors cannot hide, and its constants are set up once.
+// (row r at x + r * ld): a whole chunk per call, so the switch and elu's constants are set up once.
 template <class Acc>
 inline void map_rows(feature_map phi, Acc* x, index_t ld, index_t rows, index_t n) {
   switch (phi) {
@@ -821,7 +820,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     vscale(z, r, F);
   }
   for (index_t f = 0; f < F; ++f)
-      for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
+    for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
   if (Dv > 0)
     for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
 
