@@ -82,6 +82,25 @@ TEST_CASE("every feature map x causal x normalize x decay matches the reference"
   }
 }
 
+TEST_CASE("causal chunks: value widths of 1 to 8 vectors, Dv != D, and lengths around the chunk boundaries") {
+  // The register kernels split a row of Dv values into blocks of 3, 2 and 1 vectors (4 vectors as
+  // 2 + 2) for both vector widths (8 and 16 floats); the chunk is 32 positions.
+  const float decay[2] = {0.97f, 1.f};
+  for (index_t D : {64, 20})
+    for (index_t Dv : {8, 16, 32, 48, 64, 65, 96, 112, 128})
+      for (index_t N : {31, 32, 33, 97})
+        for (bool decayed : {false, true}) {
+          const qkv in(1, N, N, 2, 1, D, Dv, 500 + std::uint64_t(D + Dv + N));
+          linear_params p;
+          p.causal = true;
+          p.decay = decayed ? decay : nullptr;
+          p.normalize = !decayed;
+          const auto e = against_reference(in.q.view, in.k.view, in.v.view, p);
+          INFO("D=" << D << " Dv=" << Dv << " N=" << N << " decay=" << decayed << " rel=" << e.rel());
+          CHECK(e.rel() < tol_float);
+        }
+}
+
 TEST_CASE("non-causal with Nq != Nk and batch 3 and GQA 6:2 and Dv != D") {
   const index_t B = 3, Nq = 37, Nk = 201, Hq = 6, Hkv = 2, D = 24, Dv = 40;
   const favor_projection proj = make_favor_projection(64, D, 11);

@@ -386,6 +386,35 @@ inline void vaxpy(Acc* y, Acc a, const Acc* x, index_t n) {
   }
 }
 
+// y[i] += x[0][i] + x[1][i] + ... + x[rows - 1][i] for i < n (row r at x + r * ld), summed in row
+// order (the same result as one vaxpy per row) with the running sums in registers.
+template <class Acc>
+inline void vadd_rows(Acc* y, const Acc* x, index_t ld, index_t rows, index_t n) {
+  index_t i = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+    constexpr index_t W = simd::width;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      simd::vec a0 = simd::load(y + i), a1 = simd::load(y + i + W);
+      for (index_t r = 0; r < rows; ++r) {
+        a0 += simd::load(x + r * ld + i);
+        a1 += simd::load(x + r * ld + i + W);
+      }
+      simd::store(y + i, a0);
+      simd::store(y + i + W, a1);
+    }
+    for (; i + W <= n; i += W) {
+      simd::vec a = simd::load(y + i);
+      for (index_t r = 0; r < rows; ++r) a += simd::load(x + r * ld + i);
+      simd::store(y + i, a);
+    }
+  }
+  for (; i < n; ++i) {
+    Acc a = y[i];
+    for (index_t r = 0; r < rows; ++r) a += x[r * ld + i];
+    y[i] = a;
+  }
+}
+
 template <class Acc>
 inline void vscale(Acc* x, Acc a, index_t n) {
   if constexpr (std::is_same_v<Acc, float>) {
@@ -425,24 +454,44 @@ inline void load_row(Acc* dst, const T* src, index_t stride, index_t n) {
   for (index_t i = 0; i < n; ++i) dst[i] = convert<Acc>(src[i * stride]);
 }
 
-// Prefetches rows [t0, t0 + L) of head `head` (L2 hint; rw = 1 for rows about to be written). The
-// operators walk one head of a (batch, seq, head, dim) tensor, a strided pattern the hardware
-// prefetchers follow poorly once the tensors leave the caches; asking one chunk ahead hides it.
+// The rows of one (batch, head) of a (batch, seq, head, dim) view: row t starts at base + t * ld,
+// its elements inc apart. Hot loops address rows through this rather than tensor_view's 4-index
+// operator(), whose offset GCC vectorizes through the stack: a store-forwarding stall per row that
+// waits behind every pending store (out rows still missing the cache included).
+template <class T>
+struct head_rows {
+  T* base = nullptr;
+  index_t ld = 0, inc = 1, n = 0;  // n: elements per row
+  T* operator()(index_t t) const { return base + t * ld; }
+};
+
+template <class T>
+head_rows<T> rows_of(const tensor_view<T, 4>& x, index_t b, index_t head) {
+  return {x.data() + b * x.stride(0) + head * x.stride(2), x.stride(1), x.stride(3), x.extent(3)};
+}
+
+// Prefetches rows [t0, t0 + L) (L2 hint; rw = 1 for rows about to be written). The operators walk
+// one head of a (batch, seq, head, dim) tensor, a strided pattern the hardware prefetchers follow
+// poorly once the tensors leave the caches; asking a chunk or two ahead hides it.
 // Always inlined: GCC's IPA otherwise finds the function free of side effects and drops its calls.
+// Every cache line a row touches: a row that does not start on a line boundary (a std::vector's
+// large blocks start 16 bytes past one) spans one line more than its length suggests.
 template <int RW = 0, class T>
-[[gnu::always_inline]] inline void prefetch_rows(const tensor_view<T, 4>& x, index_t b, index_t t0, index_t L, index_t head) {
-  const index_t n = x.extent(3);
-  if (n == 0) return;
-  const index_t bytes = ((n - 1) * x.stride(3) + 1) * index_t(sizeof(T));
+[[gnu::always_inline]] inline void prefetch_rows(const head_rows<T>& x, index_t t0, index_t L) {
+  if (x.n == 0) return;
+  const index_t bytes = ((x.n - 1) * x.inc + 1) * index_t(sizeof(T));
   for (index_t j = 0; j < L; ++j) {
-    const char* row = reinterpret_cast<const char*>(&x(b, t0 + j, head, 0));
-    for (index_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, RW, 2);
+    const auto first = reinterpret_cast<std::uintptr_t>(x(t0 + j));
+    const std::uintptr_t last = first + static_cast<std::uintptr_t>(bytes - 1);
+    for (std::uintptr_t line = first & ~std::uintptr_t(63); line <= last; line += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(line), RW, 2);
   }
 }
 
-// Elementwise / per-row feature maps (all but favor_positive), in place on a row of n values.
+// Elementwise / per-row feature maps (all but favor_positive), in place on `rows` rows of n values
+// (row r at x + r * ld): a whole chunk per call, so the switch and elu's constants are set up once.
 template <class Acc>
-inline void map_row(feature_map phi, Acc* x, index_t n) {
+inline void map_rows(feature_map phi, Acc* x, index_t ld, index_t rows, index_t n) {
   switch (phi) {
     case feature_map::identity:
     case feature_map::favor_positive: return;
@@ -450,41 +499,48 @@ inline void map_row(feature_map phi, Acc* x, index_t n) {
       if constexpr (std::is_same_v<Acc, float>) {
         const simd::vec zero(0.f), one(1.f);
         auto f = [&](const simd::vec& v) { return xsimd::select(v <= zero, simd::exp(v), v + one); };
-        index_t i = 0;
-        for (; i + simd::width <= n; i += simd::width) simd::store(x + i, f(simd::load(x + i)));
-        if (i < n) simd::store_tail(x + i, f(simd::load_tail(x + i, n - i)), n - i);
+        for (index_t r = 0; r < rows; ++r) {
+          float* xr = x + r * ld;
+          index_t i = 0;
+          for (; i + simd::width <= n; i += simd::width) simd::store(xr + i, f(simd::load(xr + i)));
+          if (i < n) simd::store_tail(xr + i, f(simd::load_tail(xr + i, n - i)), n - i);
+        }
       } else {
-        for (index_t i = 0; i < n; ++i) x[i] = kernels::elu_plus_one(x[i]);
+        for (index_t r = 0; r < rows; ++r)
+          for (index_t i = 0; i < n; ++i) x[r * ld + i] = kernels::elu_plus_one(x[r * ld + i]);
       }
       return;
     case feature_map::relu:
-      if constexpr (std::is_same_v<Acc, float>) {
-        const simd::vec zero(0.f);
+      for (index_t r = 0; r < rows; ++r) {
+        Acc* xr = x + r * ld;
         index_t i = 0;
-        for (; i + simd::width <= n; i += simd::width) {
-          const simd::vec v = simd::load(x + i);
-          simd::store(x + i, xsimd::select(v < zero, zero, v));
+        if constexpr (std::is_same_v<Acc, float>) {
+          const simd::vec zero(0.f);
+          for (; i + simd::width <= n; i += simd::width) {
+            const simd::vec v = simd::load(xr + i);
+            simd::store(xr + i, xsimd::select(v < zero, zero, v));
+          }
         }
-        for (; i < n; ++i) x[i] = kernels::relu(x[i]);
-      } else {
-        for (index_t i = 0; i < n; ++i) x[i] = kernels::relu(x[i]);
+        for (; i < n; ++i) xr[i] = kernels::relu(xr[i]);
       }
       return;
-    case feature_map::cosine: {
-      Acc sq = vdot(x, x, n);
-      if (sq < std::numeric_limits<Acc>::min() || sq > std::numeric_limits<Acc>::max()) {
-        // |x|^2 underflows (|x| below ~1e-19 in float, subnormal rows) or overflows (above ~1e19):
-        // x / |x| does not depend on the scale, so divide by the largest |x_i| first.
-        Acc m = 0;
-        for (index_t i = 0; i < n; ++i) m = std::max(m, std::abs(x[i]));
-        if (m > 0 && m <= std::numeric_limits<Acc>::max()) {
-          for (index_t i = 0; i < n; ++i) x[i] /= m;
-          sq = vdot(x, x, n);
+    case feature_map::cosine:
+      for (index_t r = 0; r < rows; ++r) {
+        Acc* xr = x + r * ld;
+        Acc sq = vdot(xr, xr, n);
+        if (sq < std::numeric_limits<Acc>::min() || sq > std::numeric_limits<Acc>::max()) {
+          // |x|^2 underflows (|x| below ~1e-19 in float, subnormal rows) or overflows (above ~1e19):
+          // x / |x| does not depend on the scale, so divide by the largest |x_i| first.
+          Acc m = 0;
+          for (index_t i = 0; i < n; ++i) m = std::max(m, std::abs(xr[i]));
+          if (m > 0 && m <= std::numeric_limits<Acc>::max()) {
+            for (index_t i = 0; i < n; ++i) xr[i] /= m;
+            sq = vdot(xr, xr, n);
+          }
         }
+        vscale(xr, sq == 0 ? Acc(0) : Acc(1) / std::sqrt(sq), n);
       }
-      vscale(x, sq == 0 ? Acc(0) : Acc(1) / std::sqrt(sq), n);
       return;
-    }
   }
 }
 
@@ -522,11 +578,12 @@ inline void tri_block(const float* p, index_t ldp, const float* v, index_t ldv, 
 template <int R>
 inline void tri_rows(index_t N, const float* p, index_t ldp, const float* v, index_t ldv, float* o, index_t ldo) {
   constexpr index_t W = simd::width;
+  // Blocks of 3 vectors, with 4 remaining vectors taken as 2 + 2 rather than 3 + 1 (an R x 1 block
+  // waits on the FMA latency), as gemm_acc does.
   index_t n = 0;
-  for (; n + 3 * W <= N; n += 3 * W) tri_block<R, 3>(p, ldp, v + n, ldv, o + n, ldo);
-  const index_t rest = (N - n) / W;
-  if (rest == 2) tri_block<R, 2>(p, ldp, v + n, ldv, o + n, ldo);
-  else if (rest == 1) tri_block<R, 1>(p, ldp, v + n, ldv, o + n, ldo);
+  for (; N - n >= 3 * W && N - n != 4 * W; n += 3 * W) tri_block<R, 3>(p, ldp, v + n, ldv, o + n, ldo);
+  for (; N - n >= 2 * W; n += 2 * W) tri_block<R, 2>(p, ldp, v + n, ldv, o + n, ldo);
+  if (N - n >= W) tri_block<R, 1>(p, ldp, v + n, ldv, o + n, ldo);
 }
 
 template <int R>
@@ -593,6 +650,16 @@ linear_plan<Acc> make_linear_plan(const linear_shape& ls, const linear_params& p
   return pl;
 }
 
+// p rounded up to a cache line (64 bytes). The operator's buffers are std::vectors, whose blocks
+// are only 16-byte aligned: every vector load and store of the GEMMs on them would straddle two
+// lines. Each buffer is allocated one line longer and used from its first line boundary.
+template <class Acc>
+Acc* line_aligned(Acc* p) {
+  constexpr std::uintptr_t line = 64;
+  return reinterpret_cast<Acc*>((reinterpret_cast<std::uintptr_t>(p) + line - 1) & ~(line - 1));
+}
+inline constexpr std::size_t line_slack = 64;  // elements of slack (>= one line of any Acc) for line_aligned
+
 // Per-task buffers for chunks of up to `rows` positions (linear_chunk for the parallel forms, 1 for
 // a decode step), carved from one zero-initialized allocation; padding columns are never written and
 // stay 0.
@@ -616,10 +683,11 @@ struct linear_scratch {
     Acc** slots[] = {&aq, &kr, &kt, &sv, &o, &u, &x, &z, &den, &stab, &hn, &colscale};
     index_t total = 0;
     for (index_t n : sizes) total += kernels::pad_to_width(n) + simd::width;  // vector-aligned offsets
-    buf.assign(static_cast<std::size_t>(total), Acc(0));
+    buf.assign(static_cast<std::size_t>(total) + line_slack, Acc(0));
+    Acc* base = line_aligned(buf.data());
     index_t off = 0;
     for (std::size_t i = 0; i < std::size(sizes); ++i) {
-      *slots[i] = buf.data() + off;
+      *slots[i] = base + off;
       off += kernels::pad_to_width(sizes[i]) + simd::width;
     }
   }
@@ -627,14 +695,13 @@ struct linear_scratch {
 
 // ---- feature rows -------------------------------------------------------------------------------------
 
-// FAVOR+ logits of rows [t0, t0 + L) of head `head`: u[j][f] = (W x'_j)_f into ws.u (ld Fp), and
+// FAVOR+ logits of rows [t0, t0 + L) of x: u[j][f] = (W x'_j)_f into ws.u (ld Fp), and
 // hn[j] = |x'_j|^2 / 2.
 template <class Acc, class T>
-void favor_logits(const linear_plan<Acc>& pl, const tensor_view<T, 4>& x, index_t b, index_t t0, index_t L,
-                  index_t head, linear_scratch<Acc>& ws) {
+void favor_logits(const linear_plan<Acc>& pl, const head_rows<T>& x, index_t t0, index_t L, linear_scratch<Acc>& ws) {
   Acc* X = ws.x;
   for (index_t j = 0; j < L; ++j) {
-    if (pl.D > 0) load_row(X + j * pl.D, &x(b, t0 + j, head, 0), x.stride(3), pl.D);
+    if (pl.D > 0) load_row(X + j * pl.D, x(t0 + j), x.inc, pl.D);
     ws.hn[j] = pl.half_scale * vdot(X + j * pl.D, X + j * pl.D, pl.D);
   }
   Acc* U = ws.u;
@@ -644,10 +711,10 @@ void favor_logits(const linear_plan<Acc>& pl, const tensor_view<T, 4>& x, index_
 
 // phi of query rows [t0, t0 + L) into dst (ld ldd); stab[j] = the row's stabilizer M_q (0 unless favor).
 template <class Acc, class T>
-void query_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& q, index_t b, index_t t0, index_t L,
-                    index_t h, linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc* stab) {
+void query_features(const linear_plan<Acc>& pl, const head_rows<T>& q, index_t t0, index_t L,
+                    linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc* stab) {
   if (pl.favor()) {
-    favor_logits(pl, q, b, t0, L, h, ws);
+    favor_logits(pl, q, t0, L, ws);
     for (index_t j = 0; j < L; ++j) {
       const Acc* u = ws.u + j * pl.Fp;
       const Acc mq = max_ignoring_nan(u, pl.F);
@@ -657,22 +724,21 @@ void query_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& q, inde
     return;
   }
   for (index_t j = 0; j < L; ++j) {
-    Acc* row = dst + j * ldd;
-    if (pl.D > 0) load_row(row, &q(b, t0 + j, h, 0), q.stride(3), pl.D);
-    map_row(pl.phi, row, pl.D);
+    if (pl.D > 0) load_row(dst + j * ldd, q(t0 + j), q.inc, pl.D);
     stab[j] = 0;
   }
+  map_rows(pl.phi, dst, ldd, L, pl.D);
 }
 
 // phi of key rows [t0, t0 + L) into dst (row j at dst + j * ldd). For favor, updates the running key
 // maximum M and returns the factor exp(M_old - M_new) by which the state accumulated so far must be
 // rescaled (1 when M did not grow).
 template <class Acc, class T>
-Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t b, index_t t0, index_t L,
-                 index_t hk, linear_scratch<Acc>& ws, Acc* dst, index_t ldd, Acc& M) {
+Acc key_features(const linear_plan<Acc>& pl, const head_rows<T>& k, index_t t0, index_t L, linear_scratch<Acc>& ws,
+                 Acc* dst, index_t ldd, Acc& M) {
   Acc factor = 1;
   if (pl.favor()) {
-    favor_logits(pl, k, b, t0, L, hk, ws);
+    favor_logits(pl, k, t0, L, ws);
     Acc bm = -std::numeric_limits<Acc>::infinity();
     for (index_t j = 0; j < L; ++j) {
       const Acc m = max_ignoring_nan(ws.u + j * pl.Fp, pl.F) - ws.hn[j];
@@ -686,11 +752,9 @@ Acc key_features(const linear_plan<Acc>& pl, const tensor_view<T, 4>& k, index_t
       vexp_shift(dst + j * ldd, ws.u + j * pl.Fp, pl.F, ws.hn[j] + M + pl.half_log_m);
     return factor;
   }
-  for (index_t j = 0; j < L; ++j) {
-    Acc* row = dst + j * ldd;
-    if (pl.D > 0) load_row(row, &k(b, t0 + j, hk, 0), k.stride(3), pl.D);
-    map_row(pl.phi, row, pl.D);
-  }
+  for (index_t j = 0; j < L; ++j)
+    if (pl.D > 0) load_row(dst + j * ldd, k(t0 + j), k.inc, pl.D);
+  map_rows(pl.phi, dst, ldd, L, pl.D);
   return factor;
 }
 
@@ -707,13 +771,11 @@ inline void scale_store(TO* dst, index_t ds, const Acc* o, Acc f, index_t n) {
   for (; i < n; ++i) dst[i * ds] = static_cast<TO>(o[i] * f);
 }
 
-// out row = o / (den + eps') (normalize) or o * exp(stab) (not), with the FAVOR+ stabilizers undone.
+// dst[i * ds] = o / (den + eps') (normalize) or o * exp(stab) (not) for i < Dv, with the FAVOR+
+// stabilizers undone.
 template <class Acc, class TO>
-inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc stab, const tensor_view<TO, 4>& out,
-                         index_t b, index_t t, index_t h) {
+inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc stab, TO* dst, index_t ds) {
   if (pl.Dv == 0) return;
-  TO* dst = &out(b, t, h, 0);
-  const index_t ds = out.stride(3);
   const Acc f = kernels::linear_output_factor(pl.normalize, pl.favor(), pl.eps, pl.log_eps, den, stab);
   scale_store(dst, ds, o, f, pl.Dv);
 }
@@ -726,7 +788,8 @@ struct causal_head {
   index_t h = 0, hk = 0;
   bool decayed = false;
   Acc M = 0;            // FAVOR+ running key maximum
-  std::vector<Acc> sv;  // (F + C) x Dvp: [S; V], the state on top of the chunk's values
+  std::vector<Acc> sv;  // storage of s
+  Acc* s = nullptr;     // (F + C) x Dvp: [S; V], the state on top of the chunk's values (line-aligned in sv)
   std::vector<Acc> z;   // F: normalizer
   std::vector<Acc> pw;  // C + 1: gamma^n
 };
@@ -738,11 +801,15 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
                          const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t t0, index_t L,
                          index_t pf, index_t Lpf, causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
   constexpr index_t C = linear_chunk, MR = kernels::gemm_mr;
-  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda, h = hs.h, hk = hs.hk;
+  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
+  const head_rows<TQ> qr = rows_of(q, b, hs.h);
+  const head_rows<TK> kr = rows_of(k, b, hs.hk);
+  const head_rows<TV> vr = rows_of(v, b, hs.hk);
+  const head_rows<TO> outr = rows_of(out, b, hs.h);
   Acc* AQ = ws.aq;  // [phi(Q) | P], lda = F + C
   Acc* KR = ws.kr;  // phi(K), rows of F
   Acc* KT = ws.kt;  // phi(K)^T, F x C
-  Acc* S = hs.sv.data();
+  Acc* S = hs.s;
   Acc* V = S + F * Dvp;
   Acc* O = ws.o;
   Acc* z = hs.z.data();
@@ -751,8 +818,8 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   const Acc* pw = hs.pw.data();
   const bool decayed = hs.decayed;
 
-  // Keys (rows, and transposed for the scores) and values; a grown FAVOR+ key maximum rescales S, z.
-  const Acc r = key_features(pl, k, b, t0, L, hk, ws, KR, F, hs.M);
+  // Keys and values; a grown FAVOR+ key maximum rescales S, z.
+  const Acc r = key_features(pl, kr, t0, L, ws, KR, F, hs.M);
   if (r != Acc(1)) {
     vscale(S, r, F * Dvp);
     vscale(z, r, F);
@@ -760,11 +827,11 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   for (index_t f = 0; f < F; ++f)
     for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
   if (Dv > 0)
-    for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
+    for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
 
   // Queries into the left block of AQ, then P = phi(Q) phi(K)^T into the right block, row block by
   // row block, computing only the columns up to the block's diagonal (rounded up to a vector).
-  query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
+  query_features(pl, qr, t0, L, ws, AQ, lda, stab);
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
     Acc* P = AQ + r0 * lda + F;
@@ -786,20 +853,19 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     den[i] = inter + vsum_padded(Pi, i + 1);
   }
 
-  // O = [phi(Q) | P] [S; V]: per row block, the rectangle left of the block's diagonal by gemm_acc
+  // O = [phi(Q) | P] [S; V]: per row block, the rectangle left of the block's diagonal by gemm_set
   // and the diagonal triangle by tri_acc (entries above the diagonal are never read). The rows of a
   // later chunk are prefetched a few at a time on the way.
-  std::fill(O, O + L * Dvp, Acc(0));
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     const index_t R = std::min(MR, L - r0);
     if (r0 < Lpf) {
       const index_t n = std::min(MR, Lpf - r0);
-      prefetch_rows(q, b, pf + r0, n, h);
-      prefetch_rows(k, b, pf + r0, n, hk);
-      prefetch_rows(v, b, pf + r0, n, hk);
-      prefetch_rows<1>(out, b, pf + r0, n, h);
+      prefetch_rows(qr, pf + r0, n);
+      prefetch_rows(kr, pf + r0, n);
+      prefetch_rows(vr, pf + r0, n);
+      prefetch_rows<1>(outr, pf + r0, n);
     }
-    kernels::gemm_acc(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
+    kernels::gemm_set(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
     tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
   }
 
@@ -813,9 +879,9 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     vscale(z, pw[L], F);
   }
   kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
-  for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
+  vadd_rows(z, KR, F, L, F);
 
-  for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, out, b, t0 + i, h);
+  for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
 }
 
 // Query heads [h0, h0 + nh) of batch b, chunk by chunk and head by head within a chunk: in the
@@ -838,12 +904,12 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
       for (index_t n = 0; n <= C; ++n)
         hs.pw[static_cast<std::size_t>(n)] = static_cast<Acc>(std::pow(double(decay[hs.h]), double(n)));
     // Initial state: zero, or the caller's prefix.
-    std::fill(hs.sv.begin(), hs.sv.begin() + F * Dvp, Acc(0));
+    std::fill(hs.s, hs.s + F * Dvp, Acc(0));
     std::fill(hs.z.begin(), hs.z.end(), Acc(0));
     hs.M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
     if (st_s) {
       for (index_t f = 0; f < F; ++f) {
-        std::copy(st_s + (i * F + f) * Dv, st_s + (i * F + f + 1) * Dv, hs.sv.begin() + f * Dvp);
+        std::copy(st_s + (i * F + f) * Dv, st_s + (i * F + f + 1) * Dv, hs.s + f * Dvp);
         hs.z[static_cast<std::size_t>(f)] = st_z[i * F + f];
       }
       if (pl.favor()) hs.M = st_m[i];
@@ -859,7 +925,7 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     for (index_t i = 0; i < nh; ++i) {
       const causal_head<Acc>& hs = heads[static_cast<std::size_t>(i)];
       for (index_t f = 0; f < F; ++f) {
-        std::copy(hs.sv.begin() + f * Dvp, hs.sv.begin() + f * Dvp + Dv, st_s + (i * F + f) * Dv);
+        std::copy(hs.s + f * Dvp, hs.s + f * Dvp + Dv, st_s + (i * F + f) * Dv);
         st_z[i * F + f] = hs.z[static_cast<std::size_t>(f)];
       }
       if (pl.favor()) st_m[i] = hs.M;
@@ -884,37 +950,41 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
   Acc M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
   std::fill(S, S + F * Dvp, Acc(0));
   std::fill(z, z + F, Acc(0));
+  const head_rows<TK> kr = rows_of(k, b, hk);
+  const head_rows<TV> vr = rows_of(v, b, hk);
 
   for (index_t t0 = 0; t0 < Nk; t0 += C) {
     const index_t L = std::min(C, Nk - t0);
     if (t0 + C < Nk) {
-      prefetch_rows(k, b, t0 + C, std::min(C, Nk - t0 - C), hk);
-      prefetch_rows(v, b, t0 + C, std::min(C, Nk - t0 - C), hk);
+      prefetch_rows(kr, t0 + C, std::min(C, Nk - t0 - C));
+      prefetch_rows(vr, t0 + C, std::min(C, Nk - t0 - C));
     }
-    const Acc r = key_features(pl, k, b, t0, L, hk, ws, KR, F, M);
+    const Acc r = key_features(pl, kr, t0, L, ws, KR, F, M);
     if (r != Acc(1)) {
       vscale(S, r, F * Dvp);
       vscale(z, r, F);
     }
     if (Dv > 0)
-      for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, &v(b, t0 + j, hk, 0), v.stride(3), Dv);
+      for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
     kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp);
-    for (index_t j = 0; j < L; ++j) vaxpy(z, Acc(1), KR + j * F, F);
+    vadd_rows(z, KR, F, L, F);
   }
 
-  for (index_t h = hk * group; h < (hk + 1) * group; ++h)
+  for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const head_rows<TQ> qr = rows_of(q, b, h);
+    const head_rows<TO> outr = rows_of(out, b, h);
     for (index_t t0 = 0; t0 < Nq; t0 += C) {
       const index_t L = std::min(C, Nq - t0);
       if (t0 + C < Nq) {
-        prefetch_rows(q, b, t0 + C, std::min(C, Nq - t0 - C), h);
-        prefetch_rows<1>(out, b, t0 + C, std::min(C, Nq - t0 - C), h);
+        prefetch_rows(qr, t0 + C, std::min(C, Nq - t0 - C));
+        prefetch_rows<1>(outr, t0 + C, std::min(C, Nq - t0 - C));
       }
-      query_features(pl, q, b, t0, L, h, ws, AQ, lda, stab);
-      std::fill(O, O + L * Dvp, Acc(0));
-      kernels::gemm_acc(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
+      query_features(pl, qr, t0, L, ws, AQ, lda, stab);
+      kernels::gemm_set(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
       for (index_t i = 0; i < L; ++i)
-        finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, out, b, t0 + i, h);
+        finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, outr(t0 + i), outr.inc);
     }
+  }
 }
 
 template <class Acc, class TQ, class TK, class TV, class TO>
@@ -929,7 +999,8 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
       linear_scratch<Acc> ws(pl, linear_chunk, false);
       std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(G));
       for (auto& hs : heads) {
-        hs.sv.assign(static_cast<std::size_t>(std::max<index_t>((F + linear_chunk) * pl.Dvp, 1)), Acc(0));
+        hs.sv.assign(static_cast<std::size_t>((F + linear_chunk) * pl.Dvp) + line_slack, Acc(0));
+        hs.s = line_aligned(hs.sv.data());
         hs.z.assign(static_cast<std::size_t>(std::max<index_t>(F, 1)), Acc(0));
         hs.pw.assign(static_cast<std::size_t>(linear_chunk + 1), Acc(1));
       }
@@ -1150,13 +1221,13 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
       Acc* S = state.s.data() + t * F * Dv;
       Acc* z = state.z.data() + t * F;
       Acc M = pl.favor() ? state.key_max[static_cast<std::size_t>(t)] : Acc(0);
-      const Acc r = detail::key_features(pl, k_t, b, 0, 1, hk, ws, kf, F, M);
+      const Acc r = detail::key_features(pl, detail::rows_of(k_t, b, hk), 0, 1, ws, kf, F, M);
       const Acc factor = r * (p.decay ? static_cast<Acc>(p.decay[h]) : Acc(1));
-      if (Dv > 0) detail::load_row(vb, &v_t(b, 0, hk, 0), v_t.stride(3), Dv);
+      if (Dv > 0) detail::load_row(vb, detail::rows_of(v_t, b, hk)(0), v_t.stride(3), Dv);
       if (pl.favor()) state.key_max[static_cast<std::size_t>(t)] = M;
-      detail::query_features(pl, q_t, b, 0, 1, h, ws, qf, F + 1, ws.stab);
+      detail::query_features(pl, detail::rows_of(q_t, b, h), 0, 1, ws, qf, F + 1, ws.stab);
       const Acc den = detail::recurrent_update(S, z, kf, vb, qf, factor, F, Dv, num);
-      detail::finalize_row(pl, num, den, ws.stab[0] + M, out_t, b, index_t(0), h);
+      detail::finalize_row(pl, num, den, ws.stab[0] + M, detail::rows_of(out_t, b, h)(0), out_t.stride(3));
     }
   });
   state.position += 1;
