@@ -98,7 +98,7 @@ TEST_CASE("block_sparse: a full mask reproduces flash_attention bit for bit") {
   base.Hq = 4;
   base.Hkv = 2;
   base.D = 40;
-  const index_t fq = flash_tiles::block_q;
+  const index_t fq = flash_tiles::group_q;
   const std::vector<std::pair<index_t, index_t>> blocks{{16, 16}, {fq, 64}, {64, 64}, {128, 128}, {100, 37}, {512, 512}};
   for (const auto& c : option_cases(base))
     for (auto [bq, bk] : blocks) {

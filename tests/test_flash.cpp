@@ -144,6 +144,42 @@ TEST_CASE("flash: every mask option alone and combined") {
   }
 }
 
+// A prefill row group (flash_tiles::group_q rows) runs each key tile over only the query columns
+// whose allowed keys meet it: masks whose edges cross a group at many tiles, groups cut short by
+// Nq, Nq on both sides of Nk, rows that see nothing, and the bf16 / f16 / double paths.
+TEST_CASE("flash: masked key tiles skip the columns they are masked for, exactly") {
+  const index_t G = flash_tiles::group_q;
+  for (index_t nk : {G + 70, 3 * G + 5, G / 2 + 3}) {
+    attn_case base;
+    base.B = 2;
+    base.Nq = 2 * G + 29;
+    base.Nk = nk;
+    base.Hq = 2;
+    base.Hkv = 1;
+    base.D = 19;
+    std::vector<attn_case> cs;
+    auto add = [&](auto edit) {
+      attn_case c = base;
+      edit(c);
+      cs.push_back(c);
+    };
+    add([](attn_case& c) { c.p.causal = true; });
+    add([](attn_case& c) { c.p.window_left = 37; c.p.window_right = 3; });
+    add([](attn_case& c) { c.p.causal = true; c.p.window_left = 100; });
+    add([](attn_case& c) { c.p.window_left = 0; c.p.window_right = 0; });
+    add([&](attn_case& c) { c.p.causal = true; c.lengths = {nk / 3, nk}; });
+    add([&](attn_case& c) { c.p.window_left = 150; c.lengths = {nk, nk - 17}; c.slopes = {0.2f, 0.1f}; });
+    for (const auto& c : cs) {
+      check(c);
+      if (c.p.causal && c.lengths.empty()) {
+        check<bf16>(c);
+        check<f16>(c);
+        check<double, double>(c, tol_d);
+      }
+    }
+  }
+}
+
 TEST_CASE("flash: fully masked rows give 0 and lse -inf") {
   // window 0 with Nq > Nk: the first Nq - Nk rows see no key; kv_lengths 0 masks a whole batch.
   attn_case c;
@@ -237,7 +273,7 @@ TEST_CASE("flash: bf16, f16 and double inputs") {
 }
 
 TEST_CASE("flash: bf16 prefill, which uses the BF16 pair dot products where the target has them") {
-  INFO("bf16 pair dot path compiled: " << simd::has_bf16_dot);
+  INFO("bf16 pair dot path used: " << simd::prefer_bf16_dot);
   for (index_t D : {2, 30, 64, 80, 128})
     for (int variant = 0; variant < 3; ++variant) {
       attn_case c;

@@ -200,25 +200,34 @@ class softmax_block {
 
   // S^T = scale * K Q^T with bf16 keys (contiguous elements) through the BF16 dot-product
   // instructions; queries loaded with load_queries_bf16.
-  A* scores_bf16(const bf16* k, index_t key_stride, index_t nk, A scale) {
-    gemm_bf16_set(nk, ld_, d_ / 2, k, key_stride, reinterpret_cast<const std::uint32_t*>(qt_), ld_, st_, ld_, scale);
+  A* scores_bf16(const bf16* k, index_t key_stride, index_t nk, A scale, index_t c0, index_t c1) {
+    gemm_bf16_set(nk, c1 - c0, d_ / 2, k, key_stride, reinterpret_cast<const std::uint32_t*>(qt_) + c0, ld_, st_ + c0,
+                  ld_, scale);
     return st_;
   }
 #endif
 
+  // The tile steps below act on the query columns [c0, c1) only (whole vectors: c0 a multiple of
+  // simd::width, c1 one or ld()), so that a tile can skip the queries it is fully masked for; a
+  // column's arithmetic never depends on which other columns take part.
+
   // S^T (nk x ld) = K Q^T for keys at k[jj * key_stride + d * dim_stride]. Returns S^T, row-major
   // with leading dimension ld(), for the caller to edit before update().
-  A* scores(const A* k, index_t key_stride, index_t dim_stride, index_t nk) {
-    gemm_set(nk, ld_, d_, k, key_stride, dim_stride, qt_, ld_, st_, ld_);
+  A* scores(const A* k, index_t key_stride, index_t dim_stride, index_t nk, index_t c0, index_t c1) {
+    gemm_set(nk, c1 - c0, d_, k, key_stride, dim_stride, qt_ + c0, ld_, st_ + c0, ld_);
     return st_;
+  }
+  A* scores(const A* k, index_t key_stride, index_t dim_stride, index_t nk) {
+    return scores(k, key_stride, dim_stride, nk, 0, ld_);
   }
 
   // Online-softmax step over the nk edited logit rows of S^T; leaves P^T in their place.
-  void update(index_t nk) {
+  void update(index_t nk) { update(nk, 0, ld_); }
+  void update(index_t nk, index_t c0, index_t c1) {
     if constexpr (std::is_same_v<A, float>) {
       using simd::vec;
       const vec ninf(-std::numeric_limits<float>::infinity()), zero(0.f);
-      for (index_t c = 0; c < ld_; c += simd::width) {
+      for (index_t c = c0; c < c1; c += simd::width) {
         vec mx = simd::load(m_ + c);
         for (index_t jj = 0; jj < nk; ++jj) mx = xsimd::max(mx, simd::load(st_ + jj * ld_ + c));
         const vec safe = xsimd::select(mx == ninf, zero, mx);
@@ -234,7 +243,7 @@ class softmax_block {
         simd::store(alpha_ + c, alpha);
       }
     } else {
-      for (index_t c = 0; c < ld_; ++c) {
+      for (index_t c = c0; c < c1; ++c) {
         A mx = m_[c];
         for (index_t jj = 0; jj < nk; ++jj) mx = std::max(mx, st_[jj * ld_ + c]);
         const A safe = safe_max(mx);
@@ -254,7 +263,10 @@ class softmax_block {
 
   // O^T = O^T * alpha + V^T P^T for values at v[jj * key_stride + e * dim_stride].
   void accumulate(const A* v, index_t key_stride, index_t dim_stride, index_t nk) {
-    gemm_acc(dv_, ld_, nk, v, dim_stride, key_stride, st_, ld_, ot_, ld_, alpha_);
+    accumulate(v, key_stride, dim_stride, nk, 0, ld_);
+  }
+  void accumulate(const A* v, index_t key_stride, index_t dim_stride, index_t nk, index_t c0, index_t c1) {
+    gemm_acc(dv_, c1 - c0, nk, v, dim_stride, key_stride, st_ + c0, ld_, ot_ + c0, ld_, alpha_ + c0);
   }
 
   // Writes out[c * row_stride + e * dim_stride] = O^T[e][c] / l[c] and lse[c * lse_stride] (if lse)
@@ -296,11 +308,11 @@ class softmax_block {
 };
 
 // How a softmax operator forms S^T for queries of TQ and keys of TK: with the AVX-512 BF16 pair
-// dot products when both are bf16 and the target has them (even head dim, unit dim stride on k),
+// dot products when both are bf16 and simd::prefer_bf16_dot (even head dim, unit dim stride on k),
 // else on float (double) tiles. Operators that must agree bit for bit (flash, block-sparse) share it.
 template <class A, class TQ, class TK>
 class score_source {
-  static constexpr bool pairs_possible = simd::has_bf16_dot && std::is_same_v<A, float> &&
+  static constexpr bool pairs_possible = simd::prefer_bf16_dot && std::is_same_v<A, float> &&
                                          std::is_same_v<std::remove_const_t<TQ>, bf16> &&
                                          std::is_same_v<std::remove_const_t<TK>, bf16>;
 
@@ -316,13 +328,14 @@ class score_source {
     blk.load_queries(q, row_stride, dim_stride, scale_);
   }
 
-  A* scores(softmax_block<A>& blk, const TK* k, index_t key_stride, index_t dim_stride, index_t nk) const {
+  A* scores(softmax_block<A>& blk, const TK* k, index_t key_stride, index_t dim_stride, index_t nk, index_t c0,
+            index_t c1) const {
     if constexpr (pairs_possible) {
-      if (pairs_) return blk.scores_bf16(k, key_stride, nk, scale_);
+      if (pairs_) return blk.scores_bf16(k, key_stride, nk, scale_, c0, c1);
     }
     index_t rs, cs;
     const A* kt = tile_as<A>(k, nk, head_dim_, key_stride, dim_stride, slot_k_tile, rs, cs);
-    return blk.scores(kt, rs, cs, nk);
+    return blk.scores(kt, rs, cs, nk, c0, c1);
   }
 
  private:
@@ -331,19 +344,53 @@ class score_source {
   bool pairs_ = false;
 };
 
-// One tile of nk consecutive keys k0.. (K and V rows at k/v with the given strides) through blk:
-// scores, softcap, bias/ALiBi and (on boundary tiles) masks, online softmax, values.
+// One tile of nk consecutive keys k0.. (K and V rows at k/v with the given strides) through the
+// query columns [c0, c1) of blk (query rows q0 + c): scores, softcap, bias/ALiBi and (on boundary
+// tiles) masks, online softmax, values.
 template <class A, class Source, class TK, class TV>
 void attend_key_tile(softmax_block<A>& blk, const Source& src, const logit_editor<A>& ed, A softcap,
                      const TK* k, index_t k_stride, index_t k_dim_stride, const TV* v, index_t v_stride,
-                     index_t v_dim_stride, index_t value_dim, index_t k0, index_t nk, index_t q0, bool boundary) {
-  A* st = src.scores(blk, k, k_stride, k_dim_stride, nk);
-  if (softcap > 0) apply_softcap(st, nk * blk.ld(), softcap);
-  ed.apply(st, blk.ld(), 1, nk, [k0](index_t jj) { return k0 + jj; }, q0, blk.rows(), boundary);
-  blk.update(nk);
+                     index_t v_dim_stride, index_t value_dim, index_t k0, index_t nk, index_t q0, bool boundary,
+                     index_t c0, index_t c1) {
+  const index_t ld = blk.ld();
+  A* st = src.scores(blk, k, k_stride, k_dim_stride, nk, c0, c1);
+  if (softcap > 0)
+    for (index_t jj = 0; jj < nk; ++jj) apply_softcap(st + jj * ld + c0, c1 - c0, softcap);
+  ed.apply(st + c0, ld, 1, nk, [k0](index_t jj) { return k0 + jj; }, q0 + c0, std::min(c1, blk.rows()) - c0,
+           boundary);
+  blk.update(nk, c0, c1);
   index_t vrs, vcs;
   const A* vt = tile_as<A>(v, nk, value_dim, v_stride, v_dim_stride, slot_v_tile, vrs, vcs);
-  blk.accumulate(vt, vrs, vcs, nk);
+  blk.accumulate(vt, vrs, vcs, nk, c0, c1);
+}
+
+// Streams the keys [r0, r1) through blk (its rows are query rows q0..) in tiles of
+// flash_tiles-style `tile` keys starting at r0; k and v point at key 0 of the (batch, kv head).
+// Each tile runs only over the whole vectors of query columns whose allowed key ranges (ed) meet
+// it, and masks elementwise only when some of those rows' ranges do not cover it. Relies on the
+// allowed range [lo, hi) of row i being nondecreasing in i (causal, windows, kv_lengths are).
+// Many rows per block make each K/V row, once loaded (and its page translated), serve many queries;
+// the column ranges keep causal blocks from paying for the masked triangle.
+template <class A, class Source, class TK, class TV>
+void attend_key_range(softmax_block<A>& blk, const Source& src, const logit_editor<A>& ed, A softcap,
+                      const TK* k, index_t k_stride, index_t k_dim_stride, const TV* v, index_t v_stride,
+                      index_t v_dim_stride, index_t value_dim, index_t q0, index_t r0, index_t r1, index_t tile) {
+  constexpr index_t W = std::is_same_v<A, float> ? simd::width : 1;
+  const index_t rows = blk.rows(), chunks = (rows + W - 1) / W;
+  const auto lo_of = [&](index_t c) { index_t lo, hi; ed.key_range(q0 + c, lo, hi); return lo; };
+  const auto hi_of = [&](index_t c) { index_t lo, hi; ed.key_range(q0 + c, lo, hi); return hi; };
+  index_t first = 0;  // active chunks [first, last): a suffix by hi, a prefix by lo
+  for (index_t k0 = r0; k0 < r1; k0 += tile) {
+    const index_t nk = std::min(tile, r1 - k0);
+    while (first < chunks && hi_of(std::min((first + 1) * W, rows) - 1) <= k0) ++first;
+    index_t last = first;
+    while (last < chunks && lo_of(last * W) < k0 + nk) ++last;
+    if (first >= last) continue;
+    const index_t c0 = first * W, c1 = last == chunks ? blk.ld() : last * W;
+    const bool boundary = !(lo_of(std::min(c1, rows) - 1) <= k0 && hi_of(c0) >= k0 + nk);
+    attend_key_tile(blk, src, ed, softcap, k + k0 * k_stride, k_stride, k_dim_stride, v + k0 * v_stride, v_stride,
+                    v_dim_stride, value_dim, k0, nk, q0, boundary, c0, c1);
+  }
 }
 
 }  // namespace attnkit::kernels

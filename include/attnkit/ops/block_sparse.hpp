@@ -327,12 +327,10 @@ inline void validate_block_mask(std::string_view fn, const block_mask& m, const 
          concat("(", m.batch(), ", ", m.heads(), ", ", m.q_blocks(), ", ", m.k_blocks(), ")"));
 }
 
-// Query rows per softmax_block in block_sparse_attention. Larger than flash_tiles::block_q: a row
-// group streams its key tiles once, so 128 rows read K and V 2.7x less often than 48; on the
-// development machine (Zen 5, 1 MiB L2 per core) a 128 x 128 mask block as one group ran a full mask 1.2x
-// faster than 48-row groups (whose 48/48/32 split of 128 rows was 0.86x of flash_attention), at
-// N = 16k, D = 128, one thread.
-inline constexpr index_t block_sparse_max_rows = 128;
+// Query rows per softmax_block in block_sparse_attention: flash's prefill row group, for the same
+// reason (a row group streams its key tiles once, so more rows read each K/V row fewer times; on
+// the Zen 5 machine 128-row groups ran a full 128 x 128 mask 1.2x faster than 48-row ones).
+inline constexpr index_t block_sparse_max_rows = flash_tiles::group_q;
 
 template <class A, class TQ, class TK, class TV, class TO, class TL>
 void block_sparse_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
@@ -361,12 +359,8 @@ void block_sparse_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>&
       ed.key_range(q0 + rows - 1, lo_last, hi_last);
       for (const block_range& run : mask.active(b, h, qb)) {
         const index_t r0 = std::max(run.begin * mbk, lo_first), r1 = std::min(run.end * mbk, hi_last);
-        for (index_t k0 = r0; k0 < r1; k0 += BK) {
-          const index_t nk = std::min(BK, r1 - k0);
-          const bool boundary = !(k0 >= lo_last && k0 + nk <= hi_first);
-          kernels::attend_key_tile(blk, src, ed, cap, &k(b, k0, hk, 0), k.stride(1), k.stride(3), &v(b, k0, hk, 0),
-                                   v.stride(1), v.stride(3), s.value_dim, k0, nk, q0, boundary);
-        }
+        kernels::attend_key_range(blk, src, ed, cap, &k(b, 0, hk, 0), k.stride(1), k.stride(3), &v(b, 0, hk, 0),
+                                  v.stride(1), v.stride(3), s.value_dim, q0, r0, r1, BK);
       }
       TL* lse_ptr = lse.data() ? &lse(b, h, q0) : nullptr;
       blk.finish(&out(b, q0, h, 0), out.stride(1), out.stride(3), lse_ptr, lse.data() ? lse.stride(2) : 0);

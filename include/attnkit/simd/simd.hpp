@@ -165,6 +165,16 @@ inline vec dot_bf16_pairs(const vec& acc, std::uint32_t a, const std::uint32_t* 
 inline constexpr bool has_bf16_dot = false;
 #endif
 
+// Whether softmax operators form bf16 Q K^T with dot_bf16_pairs rather than on converted float
+// tiles. Not where the target also has AVX512-FP16 (Intel Sapphire Rapids and later), whose
+// VDPBF16PS issues at half the rate of float FMAs: on the Intel dev machine the float path ran bf16
+// flash prefill 1.25x faster (N 2048, D 128, 2 threads), while on Zen 5 the pair path is faster.
+#if defined(__AVX512FP16__)
+inline constexpr bool prefer_bf16_dot = false;
+#else
+inline constexpr bool prefer_bf16_dot = has_bf16_dot;
+#endif
+
 // ---- whole-array helpers (any length; vector body, masked tail) ---------------------------------
 
 // dst[i] = float(src[i]) for i < n.
