@@ -488,6 +488,11 @@ template <int RW = 0, class T>
   }
 }
 
+// elu(x) + 1 on a vector: exp(x) for x <= 0 (simd::exp_fast, within 2 ulp), x + 1 above; NaN stays NaN.
+inline simd::vec elu_plus_one_vec(const simd::vec& v) {
+  return xsimd::select(v <= simd::vec(0.f), simd::exp_fast(v), v + simd::vec(1.f));
+}
+
 // Elementwise / per-row feature maps (all but favor_positive), in place on `rows` rows of n values
 // (row r at x + r * ld): a whole chunk per call, so the switch and elu's constants are set up once.
 template <class Acc>
@@ -497,8 +502,7 @@ inline void map_rows(feature_map phi, Acc* x, index_t ld, index_t rows, index_t 
     case feature_map::favor_positive: return;
     case feature_map::elu_plus_one:
       if constexpr (std::is_same_v<Acc, float>) {
-        const simd::vec zero(0.f), one(1.f);
-        auto f = [&](const simd::vec& v) { return xsimd::select(v <= zero, simd::exp(v), v + one); };
+        const auto f = elu_plus_one_vec;
         for (index_t r = 0; r < rows; ++r) {
           float* xr = x + r * ld;
           index_t i = 0;
@@ -544,7 +548,54 @@ inline void map_rows(feature_map phi, Acc* x, index_t ld, index_t rows, index_t 
   }
 }
 
+// phi of rows [t0, t0 + L) of x (elementwise / per-row maps) into dst (row j at dst + j * ldd, n values):
+// elu + 1 on contiguous float rows is applied as the rows are loaded (one pass, no reload); other
+// maps and layouts load the rows, then map them in place.
+template <class Acc, class T>
+inline void load_feature_rows(feature_map phi, const head_rows<T>& x, index_t t0, index_t L, Acc* dst, index_t ldd,
+                              index_t n) {
+  if (n <= 0) return;
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<std::remove_cv_t<T>, float>) {
+    if (phi == feature_map::elu_plus_one && x.inc == 1) {
+      for (index_t j = 0; j < L; ++j) {
+        const float* src = x(t0 + j);
+        float* d = dst + j * ldd;
+        index_t i = 0;
+        for (; i + simd::width <= n; i += simd::width) simd::store(d + i, elu_plus_one_vec(simd::load(src + i)));
+        if (i < n) simd::store_tail(d + i, elu_plus_one_vec(simd::load_tail(src + i, n - i)), n - i);
+      }
+      return;
+    }
+  }
+  for (index_t j = 0; j < L; ++j) load_row(dst + j * ldd, x(t0 + j), x.inc, n);
+  map_rows(phi, dst, ldd, L, n);
+}
+
 // ---- tile arithmetic --------------------------------------------------------------------------------
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: whole width x width blocks through
+// simd::transpose (in registers with AVX-512), the rest element by element.
+template <class Acc>
+inline void transpose_rows(const Acc* src, index_t lds, index_t rows, index_t cols, Acc* dst, index_t ldd) {
+  index_t r0 = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+    constexpr index_t W = simd::width;
+    const index_t rf = rows / W * W, cf = cols / W * W;
+    for (index_t r = 0; r < rf; r += W)
+      for (index_t c = 0; c < cf; c += W) {
+        simd::vec t[W];
+        for (index_t i = 0; i < W; ++i) t[i] = simd::load(src + (r + i) * lds + c);
+        simd::transpose(t);
+        for (index_t i = 0; i < W; ++i) simd::store(dst + (c + i) * ldd + r, t[i]);
+      }
+    // Left: the columns beyond cf of rows < rf; below: all columns of rows >= rf.
+    for (index_t c = cf; c < cols; ++c)
+      for (index_t r = 0; r < rf; ++r) dst[c * ldd + r] = src[r * lds + c];
+    r0 = rf;
+  }
+  for (index_t c = 0; c < cols; ++c)
+    for (index_t r = r0; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c];
+}
 
 // Lower-triangular block product: o[i][:] += sum_{j <= i} p[i][j] * v[j][:] for i, j < R. Entries of p
 // above the diagonal and rows of v beyond a row's diagonal are never read. Register-blocked like
@@ -723,11 +774,8 @@ void query_features(const linear_plan<Acc>& pl, const head_rows<T>& q, index_t t
     }
     return;
   }
-  for (index_t j = 0; j < L; ++j) {
-    if (pl.D > 0) load_row(dst + j * ldd, q(t0 + j), q.inc, pl.D);
-    stab[j] = 0;
-  }
-  map_rows(pl.phi, dst, ldd, L, pl.D);
+  std::fill(stab, stab + L, Acc(0));
+  load_feature_rows(pl.phi, q, t0, L, dst, ldd, pl.D);
 }
 
 // phi of key rows [t0, t0 + L) into dst (row j at dst + j * ldd). For favor, updates the running key
@@ -752,9 +800,7 @@ Acc key_features(const linear_plan<Acc>& pl, const head_rows<T>& k, index_t t0, 
       vexp_shift(dst + j * ldd, ws.u + j * pl.Fp, pl.F, ws.hn[j] + M + pl.half_log_m);
     return factor;
   }
-  for (index_t j = 0; j < L; ++j)
-    if (pl.D > 0) load_row(dst + j * ldd, k(t0 + j), k.inc, pl.D);
-  map_rows(pl.phi, dst, ldd, L, pl.D);
+  load_feature_rows(pl.phi, k, t0, L, dst, ldd, pl.D);
   return factor;
 }
 
@@ -824,8 +870,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     vscale(S, r, F * Dvp);
     vscale(z, r, F);
   }
-  for (index_t f = 0; f < F; ++f)
-    for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
+  transpose_rows(KR, F, L, F, KT, C);
   if (Dv > 0)
     for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
 
