@@ -38,7 +38,8 @@
 //               i >= j); then S <- gamma^C S + sum_j gamma^(C-1-j) phi(k_j) v_j^T (GEMM) and z. Every
 //               decay exponent lies within a chunk (0 .. C): no gamma^(-i) growth on long sequences.
 //               A task walks 2 query heads chunk by chunk (adjacent heads share cache lines in the
-//               usual (batch, seq, head, dim) layout) and prefetches rows two chunks ahead.
+//               usual (batch, seq, head, dim) layout) and prefetches rows two chunks ahead, a few rows
+//               between each pair of GEMM blocks.
 //   recurrent   linear_attention_step appends one token to a linear_attention_state:
 //               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps),
 //               in one pass over the state.
@@ -493,6 +494,31 @@ inline simd::vec elu_plus_one_vec(const simd::vec& v) {
   return xsimd::select(v <= simd::vec(0.f), simd::exp_fast(v), v + simd::vec(1.f));
 }
 
+// The prefetches of rows [t0, t0 + L) of a head's q, k, v and out (out for writing), spread over a
+// chunk's arithmetic: step(n) issues the next n (position, tensor) rows, positions in order. A burst
+// of a chunk's ~600 line prefetches at once waits on the line fill buffers with nothing else to do;
+// a few at a time between the GEMM blocks, the waits overlap the arithmetic.
+template <class TQ, class TK, class TV, class TO>
+struct chunk_prefetcher {
+  head_rows<TQ> q;
+  head_rows<TK> k;
+  head_rows<TV> v;
+  head_rows<TO> out;
+  index_t t0 = 0, end = 0, next = 0;  // next and end count (position, tensor) pairs
+
+  [[gnu::always_inline]] inline void step(index_t n) {
+    for (const index_t e = std::min(next + n, end); next < e; ++next) {
+      const index_t j = t0 + next / 4;
+      switch (next % 4) {
+        case 0: prefetch_rows(q, j, 1); break;
+        case 1: prefetch_rows(k, j, 1); break;
+        case 2: prefetch_rows(v, j, 1); break;
+        default: prefetch_rows<1>(out, j, 1); break;
+      }
+    }
+  }
+};
+
 // Elementwise / per-row feature maps (all but favor_positive), in place on `rows` rows of n values
 // (row r at x + r * ld): a whole chunk per call, so the switch and elu's constants are set up once.
 template <class Acc>
@@ -876,8 +902,13 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
 
   // Queries into the left block of AQ, then P = phi(Q) phi(K)^T into the right block, row block by
   // row block, computing only the columns up to the block's diagonal (rounded up to a vector).
+  // Prefetches for the chunk at pf, spread below: for C = 32 positions and F = 64, 4 + 4 + 8 steps of
+  // 4 rows between GEMM blocks and one of 2 rows per output row, the 4 C rows in all (any rest last).
+  // (Steps of 8 between GEMM blocks only, none among the output rows, measured 2-3% slower.)
+  chunk_prefetcher<TQ, TK, TV, TO> pfr{qr, kr, vr, outr, pf, 4 * Lpf, 0};
   query_features(pl, qr, t0, L, ws, AQ, lda, stab);
   for (index_t r0 = 0; r0 < L; r0 += MR) {
+    pfr.step(4);
     const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
     Acc* P = AQ + r0 * lda + F;
     for (index_t i = 0; i < R; ++i) std::fill(P + i * lda, P + i * lda + nc, Acc(0));
@@ -899,17 +930,10 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   }
 
   // O = [phi(Q) | P] [S; V]: per row block, the rectangle left of the block's diagonal by gemm_set
-  // and the diagonal triangle by tri_acc (entries above the diagonal are never read). The rows of a
-  // later chunk are prefetched a few at a time on the way.
+  // and the diagonal triangle by tri_acc (entries above the diagonal are never read).
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     const index_t R = std::min(MR, L - r0);
-    if (r0 < Lpf) {
-      const index_t n = std::min(MR, Lpf - r0);
-      prefetch_rows(qr, pf + r0, n);
-      prefetch_rows(kr, pf + r0, n);
-      prefetch_rows(vr, pf + r0, n);
-      prefetch_rows<1>(outr, pf + r0, n);
-    }
+    pfr.step(4);
     kernels::gemm_set(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
     tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
   }
@@ -923,10 +947,17 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     cs = ws.colscale;
     vscale(z, pw[L], F);
   }
-  kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
+  for (index_t f0 = 0; f0 < F; f0 += MR) {
+    pfr.step(4);
+    kernels::gemm_acc(std::min(MR, F - f0), Dvp, L, KR + f0, index_t(1), F, V, Dvp, S + f0 * Dvp, Dvp, cs);
+  }
   vadd_rows(z, KR, F, L, F);
 
-  for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
+  for (index_t i = 0; i < L; ++i) {
+    pfr.step(2);
+    finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
+  }
+  pfr.step(pfr.end);  // whatever is left (short chunks, many features)
 }
 
 // Query heads [h0, h0 + nh) of batch b, chunk by chunk and head by head within a chunk: in the
