@@ -910,9 +910,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     pfr.step(4);
     const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
-    Acc* P = AQ + r0 * lda + F;
-    for (index_t i = 0; i < R; ++i) std::fill(P + i * lda, P + i * lda + nc, Acc(0));
-    kernels::gemm_acc(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, P, lda);
+    kernels::gemm_set(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, AQ + r0 * lda + F, lda);
   }
 
   // Mask and decay P (j <= i only), the normalizers, and the inter-chunk decay of phi(q_i).
