@@ -528,12 +528,11 @@ inline void map_rows(feature_map phi, Acc* x, index_t ld, index_t rows, index_t 
     case feature_map::favor_positive: return;
     case feature_map::elu_plus_one:
       if constexpr (std::is_same_v<Acc, float>) {
-        const auto f = elu_plus_one_vec;
         for (index_t r = 0; r < rows; ++r) {
           float* xr = x + r * ld;
           index_t i = 0;
-          for (; i + simd::width <= n; i += simd::width) simd::store(xr + i, f(simd::load(xr + i)));
-          if (i < n) simd::store_tail(xr + i, f(simd::load_tail(xr + i, n - i)), n - i);
+          for (; i + simd::width <= n; i += simd::width) simd::store(xr + i, elu_plus_one_vec(simd::load(xr + i)));
+          if (i < n) simd::store_tail(xr + i, elu_plus_one_vec(simd::load_tail(xr + i, n - i)), n - i);
         }
       } else {
         for (index_t r = 0; r < rows; ++r)
