@@ -28,6 +28,33 @@ TEST_CASE("simd::exp overflows to +inf above the float range") {
   CHECK(simd::hmax(simd::exp(simd::load(big.data()))) == std::numeric_limits<float>::infinity());
 }
 
+TEST_CASE("simd::exp_fast is within 2 ulp of exp up to 88.3, with exp's special values") {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> xs{-inf, -1000.f, -103.f, -100.f, -87.3f, -1e-30f, -0.f, 0.f, 1e-30f, 88.3f};
+  for (int i = -104000; i <= 88300; ++i) xs.push_back(static_cast<float>(i) * 1e-3f + 3e-7f * static_cast<float>(i % 7));
+  while (xs.size() % static_cast<std::size_t>(simd::width) != 0) xs.push_back(0.f);
+  std::vector<float> got(static_cast<std::size_t>(simd::width));
+  for (std::size_t i = 0; i < xs.size(); i += static_cast<std::size_t>(simd::width)) {
+    simd::store(got.data(), simd::exp_fast(simd::load(xs.data() + i)));
+    for (std::size_t l = 0; l < got.size(); ++l) {
+      const double want = std::exp(static_cast<double>(xs[i + l]));
+      INFO("x = " << xs[i + l]);
+      if (want < 1.2e-38) {
+        CHECK(std::abs(double(got[l]) - want) <= 1e-38);  // near or below the smallest normal float
+      } else {
+        CHECK(std::abs(double(got[l]) - want) <= 2 * std::ldexp(1.0, std::ilogb(want) - 23));
+      }
+    }
+  }
+  std::vector<float> special(static_cast<std::size_t>(simd::width), nan);
+  special[1] = 89.f;
+  special[2] = inf;
+  simd::store(got.data(), simd::exp_fast(simd::load(special.data())));
+  CHECK(std::isnan(got[0]));
+  CHECK(got[1] == inf);
+  CHECK(got[2] == inf);
+}
+
 TEST_CASE("bf16 and f16 vector loads equal scalar conversion") {
   const index_t n = 3 * simd::width;
   std::vector<bf16> b(static_cast<std::size_t>(n));

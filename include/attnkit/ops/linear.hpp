@@ -38,7 +38,8 @@
 //               i >= j); then S <- gamma^C S + sum_j gamma^(C-1-j) phi(k_j) v_j^T (GEMM) and z. Every
 //               decay exponent lies within a chunk (0 .. C): no gamma^(-i) growth on long sequences.
 //               A task walks 2 query heads chunk by chunk (adjacent heads share cache lines in the
-//               usual (batch, seq, head, dim) layout) and prefetches rows two chunks ahead.
+//               usual (batch, seq, head, dim) layout) and prefetches rows two chunks ahead, a few rows
+//               between each pair of GEMM blocks.
 //   recurrent   linear_attention_step appends one token to a linear_attention_state:
 //               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps),
 //               in one pass over the state.
@@ -488,6 +489,36 @@ template <int RW = 0, class T>
   }
 }
 
+// elu(x) + 1 on a vector: exp(x) for x <= 0 (simd::exp_fast, within 2 ulp), x + 1 above; NaN stays NaN.
+inline simd::vec elu_plus_one_vec(const simd::vec& v) {
+  return xsimd::select(v <= simd::vec(0.f), simd::exp_fast(v), v + simd::vec(1.f));
+}
+
+// The prefetches of rows [t0, t0 + L) of a head's q, k, v and out (out for writing), spread over a
+// chunk's arithmetic: step(n) issues the next n (position, tensor) rows, positions in order. A burst
+// of a chunk's ~600 line prefetches at once waits on the line fill buffers with nothing else to do;
+// a few at a time between the GEMM blocks, the waits overlap the arithmetic.
+template <class TQ, class TK, class TV, class TO>
+struct chunk_prefetcher {
+  head_rows<TQ> q;
+  head_rows<TK> k;
+  head_rows<TV> v;
+  head_rows<TO> out;
+  index_t t0 = 0, end = 0, next = 0;  // next and end count (position, tensor) pairs
+
+  [[gnu::always_inline]] inline void step(index_t n) {
+    for (const index_t e = std::min(next + n, end); next < e; ++next) {
+      const index_t j = t0 + next / 4;
+      switch (next % 4) {
+        case 0: prefetch_rows(q, j, 1); break;
+        case 1: prefetch_rows(k, j, 1); break;
+        case 2: prefetch_rows(v, j, 1); break;
+        default: prefetch_rows<1>(out, j, 1); break;
+      }
+    }
+  }
+};
+
 // Elementwise / per-row feature maps (all but favor_positive), in place on `rows` rows of n values
 // (row r at x + r * ld): a whole chunk per call, so the switch and elu's constants are set up once.
 template <class Acc>
@@ -497,13 +528,11 @@ inline void map_rows(feature_map phi, Acc* x, index_t ld, index_t rows, index_t 
     case feature_map::favor_positive: return;
     case feature_map::elu_plus_one:
       if constexpr (std::is_same_v<Acc, float>) {
-        const simd::vec zero(0.f), one(1.f);
-        auto f = [&](const simd::vec& v) { return xsimd::select(v <= zero, simd::exp(v), v + one); };
         for (index_t r = 0; r < rows; ++r) {
           float* xr = x + r * ld;
           index_t i = 0;
-          for (; i + simd::width <= n; i += simd::width) simd::store(xr + i, f(simd::load(xr + i)));
-          if (i < n) simd::store_tail(xr + i, f(simd::load_tail(xr + i, n - i)), n - i);
+          for (; i + simd::width <= n; i += simd::width) simd::store(xr + i, elu_plus_one_vec(simd::load(xr + i)));
+          if (i < n) simd::store_tail(xr + i, elu_plus_one_vec(simd::load_tail(xr + i, n - i)), n - i);
         }
       } else {
         for (index_t r = 0; r < rows; ++r)
@@ -544,7 +573,54 @@ inline void map_rows(feature_map phi, Acc* x, index_t ld, index_t rows, index_t 
   }
 }
 
+// phi of rows [t0, t0 + L) of x (elementwise / per-row maps) into dst (row j at dst + j * ldd, n values):
+// elu + 1 on contiguous float rows is applied as the rows are loaded (one pass, no reload); other
+// maps and layouts load the rows, then map them in place.
+template <class Acc, class T>
+inline void load_feature_rows(feature_map phi, const head_rows<T>& x, index_t t0, index_t L, Acc* dst, index_t ldd,
+                              index_t n) {
+  if (n <= 0) return;
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<std::remove_cv_t<T>, float>) {
+    if (phi == feature_map::elu_plus_one && x.inc == 1) {
+      for (index_t j = 0; j < L; ++j) {
+        const float* src = x(t0 + j);
+        float* d = dst + j * ldd;
+        index_t i = 0;
+        for (; i + simd::width <= n; i += simd::width) simd::store(d + i, elu_plus_one_vec(simd::load(src + i)));
+        if (i < n) simd::store_tail(d + i, elu_plus_one_vec(simd::load_tail(src + i, n - i)), n - i);
+      }
+      return;
+    }
+  }
+  for (index_t j = 0; j < L; ++j) load_row(dst + j * ldd, x(t0 + j), x.inc, n);
+  map_rows(phi, dst, ldd, L, n);
+}
+
 // ---- tile arithmetic --------------------------------------------------------------------------------
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: whole width x width blocks through
+// simd::transpose (in registers with AVX-512), the rest element by element.
+template <class Acc>
+inline void transpose_rows(const Acc* src, index_t lds, index_t rows, index_t cols, Acc* dst, index_t ldd) {
+  index_t r0 = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+    constexpr index_t W = simd::width;
+    const index_t rf = rows / W * W, cf = cols / W * W;
+    for (index_t r = 0; r < rf; r += W)
+      for (index_t c = 0; c < cf; c += W) {
+        simd::vec t[W];
+        for (index_t i = 0; i < W; ++i) t[i] = simd::load(src + (r + i) * lds + c);
+        simd::transpose(t);
+        for (index_t i = 0; i < W; ++i) simd::store(dst + (c + i) * ldd + r, t[i]);
+      }
+    // Left: the columns beyond cf of rows < rf; below: all columns of rows >= rf.
+    for (index_t c = cf; c < cols; ++c)
+      for (index_t r = 0; r < rf; ++r) dst[c * ldd + r] = src[r * lds + c];
+    r0 = rf;
+  }
+  for (index_t c = 0; c < cols; ++c)
+    for (index_t r = r0; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c];
+}
 
 // Lower-triangular block product: o[i][:] += sum_{j <= i} p[i][j] * v[j][:] for i, j < R. Entries of p
 // above the diagonal and rows of v beyond a row's diagonal are never read. Register-blocked like
@@ -723,11 +799,8 @@ void query_features(const linear_plan<Acc>& pl, const head_rows<T>& q, index_t t
     }
     return;
   }
-  for (index_t j = 0; j < L; ++j) {
-    if (pl.D > 0) load_row(dst + j * ldd, q(t0 + j), q.inc, pl.D);
-    stab[j] = 0;
-  }
-  map_rows(pl.phi, dst, ldd, L, pl.D);
+  std::fill(stab, stab + L, Acc(0));
+  load_feature_rows(pl.phi, q, t0, L, dst, ldd, pl.D);
 }
 
 // phi of key rows [t0, t0 + L) into dst (row j at dst + j * ldd). For favor, updates the running key
@@ -752,9 +825,7 @@ Acc key_features(const linear_plan<Acc>& pl, const head_rows<T>& k, index_t t0, 
       vexp_shift(dst + j * ldd, ws.u + j * pl.Fp, pl.F, ws.hn[j] + M + pl.half_log_m);
     return factor;
   }
-  for (index_t j = 0; j < L; ++j)
-    if (pl.D > 0) load_row(dst + j * ldd, k(t0 + j), k.inc, pl.D);
-  map_rows(pl.phi, dst, ldd, L, pl.D);
+  load_feature_rows(pl.phi, k, t0, L, dst, ldd, pl.D);
   return factor;
 }
 
@@ -824,19 +895,21 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     vscale(S, r, F * Dvp);
     vscale(z, r, F);
   }
-  for (index_t f = 0; f < F; ++f)
-    for (index_t j = 0; j < L; ++j) KT[f * C + j] = KR[j * F + f];
+  transpose_rows(KR, F, L, F, KT, C);
   if (Dv > 0)
     for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
 
   // Queries into the left block of AQ, then P = phi(Q) phi(K)^T into the right block, row block by
   // row block, computing only the columns up to the block's diagonal (rounded up to a vector).
+  // Prefetches for the chunk at pf, spread below: for C = 32 positions and F = 64, 4 + 4 + 8 steps of
+  // 4 rows between GEMM blocks and one of 2 rows per output row, the 4 C rows in all (any rest last).
+  // (Steps of 8 between GEMM blocks only, none among the output rows, measured 2-3% slower.)
+  chunk_prefetcher<TQ, TK, TV, TO> pfr{qr, kr, vr, outr, pf, 4 * Lpf, 0};
   query_features(pl, qr, t0, L, ws, AQ, lda, stab);
   for (index_t r0 = 0; r0 < L; r0 += MR) {
+    pfr.step(4);
     const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
-    Acc* P = AQ + r0 * lda + F;
-    for (index_t i = 0; i < R; ++i) std::fill(P + i * lda, P + i * lda + nc, Acc(0));
-    kernels::gemm_acc(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, P, lda);
+    kernels::gemm_set(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, AQ + r0 * lda + F, lda);
   }
 
   // Mask and decay P (j <= i only), the normalizers, and the inter-chunk decay of phi(q_i).
@@ -854,17 +927,10 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   }
 
   // O = [phi(Q) | P] [S; V]: per row block, the rectangle left of the block's diagonal by gemm_set
-  // and the diagonal triangle by tri_acc (entries above the diagonal are never read). The rows of a
-  // later chunk are prefetched a few at a time on the way.
+  // and the diagonal triangle by tri_acc (entries above the diagonal are never read).
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     const index_t R = std::min(MR, L - r0);
-    if (r0 < Lpf) {
-      const index_t n = std::min(MR, Lpf - r0);
-      prefetch_rows(qr, pf + r0, n);
-      prefetch_rows(kr, pf + r0, n);
-      prefetch_rows(vr, pf + r0, n);
-      prefetch_rows<1>(outr, pf + r0, n);
-    }
+    pfr.step(4);
     kernels::gemm_set(R, Dvp, F + r0, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
     tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
   }
@@ -878,10 +944,17 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     cs = ws.colscale;
     vscale(z, pw[L], F);
   }
-  kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp, cs);
+  for (index_t f0 = 0; f0 < F; f0 += MR) {
+    pfr.step(4);
+    kernels::gemm_acc(std::min(MR, F - f0), Dvp, L, KR + f0, index_t(1), F, V, Dvp, S + f0 * Dvp, Dvp, cs);
+  }
   vadd_rows(z, KR, F, L, F);
 
-  for (index_t i = 0; i < L; ++i) finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
+  for (index_t i = 0; i < L; ++i) {
+    pfr.step(2);
+    finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
+  }
+  pfr.step(pfr.end);  // whatever is left (short chunks, many features)
 }
 
 // Query heads [h0, h0 + nh) of batch b, chunk by chunk and head by head within a chunk: in the
