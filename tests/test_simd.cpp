@@ -53,6 +53,11 @@ TEST_CASE("simd::exp_fast is within 2 ulp of exp up to 88.3, with exp's special 
   CHECK(std::isnan(got[0]));
   CHECK(got[1] == inf);
   CHECK(got[2] == inf);
+  // Exactly 0 for -inf: elu + 1 of -inf is 0, and a caller summing exp of masked (-inf) values
+  // must get exactly 0.
+  std::vector<float> minus_inf(static_cast<std::size_t>(simd::width), -inf);
+  simd::store(got.data(), simd::exp_fast(simd::load(minus_inf.data())));
+  for (float g : got) CHECK(g == 0.f);
 }
 
 TEST_CASE("bf16 and f16 vector loads equal scalar conversion") {
