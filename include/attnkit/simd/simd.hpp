@@ -92,10 +92,10 @@ inline vec fma(const vec& a, const vec& b, const vec& c) { return xsimd::fma(a, 
 // exp with exp(-inf) = 0 and exp(x > 88.72) = +inf, accurate to a few ulp (xsimd's implementation).
 inline vec exp(const vec& x) { return xsimd::exp(x); }
 
-// exp with the same contract as simd::exp (exp(-inf) = 0, +inf above 88.72, NaN stays NaN, results
-// below the smallest normal float rounded to subnormals or 0; exp(-inf) exactly 0), within 2 ulp,
-// for throughput-bound elementwise maps (linear attention's elu + 1; in the online-softmax update
-// it made no measurable difference on the Intel dev machine). AVX-512: round to the nearest multiple of ln 2,
+// exp with the same contract as simd::exp (exp(-inf) exactly 0, +inf above 88.72, NaN stays NaN,
+// results below the smallest normal float rounded to subnormals or 0), within 2 ulp, for
+// throughput-bound elementwise maps (linear attention's elu + 1; in the online-softmax update it
+// made no measurable difference on the Intel dev machine). AVX-512: round to the nearest multiple of ln 2,
 // Cephes' degree-5 polynomial of the remainder (split ln 2 for an exact reduction) and one vscalefps
 // for 2^n, which also produces the overflow, underflow and subnormal results; about a third of the
 // instructions of xsimd's exp. Elsewhere xsimd's exp.
