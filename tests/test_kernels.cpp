@@ -53,6 +53,46 @@ TEST_CASE("gemm_acc equals a plain triple loop for every remainder of rows and v
           }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// Compiled wherever the target has AVX-512 BF16, including targets whose softmax operators do not
+// use it (simd::prefer_bf16_dot false), so the kernel stays checked on every such machine.
+TEST_CASE("gemm_bf16_set equals scale * A B on the bf16 values for every remainder of rows and vector blocks") {
+  auto g = test::rng(11);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  for (index_t M : {1, 5, kernels::gemm_mr, kernels::gemm_mr + 3, 2 * kernels::gemm_mr + 1})
+    for (index_t nv : {1, 2, 3, 4, 5})
+      for (index_t KP : {1, 3, 64}) {
+        const index_t N = nv * simd::width, rs = 2 * KP + 3, ldb = N + 7, ldc = N + 5;
+        std::vector<bf16> a(static_cast<std::size_t>(M * rs)), bm(static_cast<std::size_t>(2 * KP * N));
+        for (auto& x : a) x = bf16(u(g));
+        for (auto& x : bm) x = bf16(u(g));
+        std::vector<std::uint32_t> b(static_cast<std::size_t>(KP * ldb), 0u);
+        for (index_t kp = 0; kp < KP; ++kp)
+          for (index_t n = 0; n < N; ++n)
+            b[kp * ldb + n] = std::uint32_t(Eigen::numext::bit_cast<std::uint16_t>(bm[2 * kp * N + n])) |
+                              (std::uint32_t(Eigen::numext::bit_cast<std::uint16_t>(bm[(2 * kp + 1) * N + n])) << 16);
+        std::vector<float> c(static_cast<std::size_t>(M * ldc), -9.f);
+        const float scale = 0.37f;
+        kernels::gemm_bf16_set(M, N, KP, a.data(), rs, b.data(), ldb, c.data(), ldc, scale);
+        double worst = 0;
+        for (index_t m = 0; m < M; ++m) {
+          for (index_t n = 0; n < N; ++n) {
+            double want = 0, mag = 0;
+            for (index_t k = 0; k < 2 * KP; ++k) {
+              const double t = double(float(a[m * rs + k])) * double(float(bm[k * N + n]));
+              want += t;
+              mag += std::abs(t);
+            }
+            worst = std::max(worst, std::abs(c[m * ldc + n] - scale * want) / (scale * mag + 1e-30));
+          }
+          for (index_t n = N; n < ldc; ++n) CHECK(c[m * ldc + n] == -9.f);  // nothing written past N
+        }
+        INFO("M=" << M << " N=" << N << " KP=" << KP);
+        CHECK(worst <= 1e-6 * double(KP + 1));
+      }
+}
+#endif
+
 template <class T>
 void check_decode_kernels(std::uint64_t seed) {
   auto g = test::rng(seed);
