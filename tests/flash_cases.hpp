@@ -20,6 +20,18 @@ struct attn_case {
   index_t dv() const { return Dv < 0 ? D : Dv; }
 };
 
+// Copies of one base case, each with an edit applied: the option tables of the operator tests.
+struct case_table {
+  attn_case base;
+  std::vector<attn_case> cases{};
+  template <class Edit>
+  void add(Edit&& edit) {
+    attn_case c = base;
+    edit(c);
+    cases.push_back(std::move(c));
+  }
+};
+
 inline std::string describe(const attn_case& c) {
   return detail::concat("B=", c.B, " Nq=", c.Nq, " Nk=", c.Nk, " Hq=", c.Hq, " Hkv=", c.Hkv, " D=", c.D, " Dv=", c.dv(),
                         " causal=", c.p.causal, " wl=", c.p.window_left, " wr=", c.p.window_right,

@@ -108,30 +108,25 @@ TEST_CASE("flash: every mask option alone and combined") {
     base.Hq = 4;
     base.Hkv = 2;
     base.D = 20;
-    std::vector<attn_case> cs;
-    auto add = [&](auto edit) {
-      attn_case c = base;
-      edit(c);
-      cs.push_back(c);
-    };
-    add([](attn_case& c) { c.p.causal = true; });
-    add([](attn_case& c) { c.p.window_left = 17; });
-    add([](attn_case& c) { c.p.window_right = 5; });
-    add([](attn_case& c) { c.p.window_left = 0; c.p.window_right = 0; });
-    add([](attn_case& c) { c.p.causal = true; c.p.window_left = 70; });
-    add([](attn_case& c) { c.p.softcap = 1.5f; c.q_amp = 4.f; });
-    add([&](attn_case& c) {
+    test::case_table cs{base};
+    cs.add([](attn_case& c) { c.p.causal = true; });
+    cs.add([](attn_case& c) { c.p.window_left = 17; });
+    cs.add([](attn_case& c) { c.p.window_right = 5; });
+    cs.add([](attn_case& c) { c.p.window_left = 0; c.p.window_right = 0; });
+    cs.add([](attn_case& c) { c.p.causal = true; c.p.window_left = 70; });
+    cs.add([](attn_case& c) { c.p.softcap = 1.5f; c.q_amp = 4.f; });
+    cs.add([&](attn_case& c) {
       c.bias_extents = {c.B, c.Hq, c.Nq, nk};
       c.bias_data = test::random_bias(std::size_t(c.B * c.Hq * c.Nq * nk), 5, true);
     });
-    add([&](attn_case& c) {  // bias broadcast over batch and query rows
+    cs.add([&](attn_case& c) {  // bias broadcast over batch and query rows
       c.bias_extents = {1, c.Hq, 1, nk};
       c.bias_data = test::random_bias(std::size_t(c.Hq * nk), 6, false);
     });
-    add([](attn_case& c) { c.slopes = {0.5f, 0.25f, 0.125f, 0.0625f}; });
-    add([](attn_case& c) { c.lengths = {150, 37}; c.p.causal = true; });
-    add([](attn_case& c) { c.lengths = {0, 90}; });
-    add([&](attn_case& c) {
+    cs.add([](attn_case& c) { c.slopes = {0.5f, 0.25f, 0.125f, 0.0625f}; });
+    cs.add([](attn_case& c) { c.lengths = {150, 37}; c.p.causal = true; });
+    cs.add([](attn_case& c) { c.lengths = {0, 90}; });
+    cs.add([&](attn_case& c) {
       c.p.causal = true;
       c.p.window_left = 40;
       c.p.softcap = 3.f;
@@ -140,7 +135,7 @@ TEST_CASE("flash: every mask option alone and combined") {
       c.bias_extents = {c.B, 1, c.Nq, nk};
       c.bias_data = test::random_bias(std::size_t(c.B * c.Nq * nk), 7, true);
     });
-    for (const auto& c : cs) check(c);
+    for (const auto& c : cs.cases) check(c);
   }
 }
 
@@ -157,19 +152,14 @@ TEST_CASE("flash: masked key tiles skip the columns they are masked for, exactly
     base.Hq = 2;
     base.Hkv = 1;
     base.D = 19;
-    std::vector<attn_case> cs;
-    auto add = [&](auto edit) {
-      attn_case c = base;
-      edit(c);
-      cs.push_back(c);
-    };
-    add([](attn_case& c) { c.p.causal = true; });
-    add([](attn_case& c) { c.p.window_left = 37; c.p.window_right = 3; });
-    add([](attn_case& c) { c.p.causal = true; c.p.window_left = 100; });
-    add([](attn_case& c) { c.p.window_left = 0; c.p.window_right = 0; });
-    add([&](attn_case& c) { c.p.causal = true; c.lengths = {nk / 3, nk}; });
-    add([&](attn_case& c) { c.p.window_left = 150; c.lengths = {nk, nk - 17}; c.slopes = {0.2f, 0.1f}; });
-    for (const auto& c : cs) {
+    test::case_table cs{base};
+    cs.add([](attn_case& c) { c.p.causal = true; });
+    cs.add([](attn_case& c) { c.p.window_left = 37; c.p.window_right = 3; });
+    cs.add([](attn_case& c) { c.p.causal = true; c.p.window_left = 100; });
+    cs.add([](attn_case& c) { c.p.window_left = 0; c.p.window_right = 0; });
+    cs.add([&](attn_case& c) { c.p.causal = true; c.lengths = {nk / 3, nk}; });
+    cs.add([&](attn_case& c) { c.p.window_left = 150; c.lengths = {nk, nk - 17}; c.slopes = {0.2f, 0.1f}; });
+    for (const auto& c : cs.cases) {
       check(c);
       if (c.p.causal && c.lengths.empty()) {
         check<bf16>(c);

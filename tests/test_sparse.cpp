@@ -281,27 +281,22 @@ TEST_CASE("sparse: attention_params restrict and modify the pattern as in flash"
   base.Hq = 4;
   base.Hkv = 2;
   base.D = 20;
-  std::vector<attn_case> cs;
-  auto add = [&](auto edit) {
-    attn_case c = base;
-    edit(c);
-    cs.push_back(c);
-  };
-  add([](attn_case& c) { c.p.window_left = 7; c.p.window_right = 40; });
-  add([](attn_case& c) { c.p.causal = true; c.p.window_left = 30; });
-  add([](attn_case& c) { c.p.softcap = 1.5f; c.q_amp = 4.f; });
-  add([&](attn_case& c) {
+  test::case_table cs{base};
+  cs.add([](attn_case& c) { c.p.window_left = 7; c.p.window_right = 40; });
+  cs.add([](attn_case& c) { c.p.causal = true; c.p.window_left = 30; });
+  cs.add([](attn_case& c) { c.p.softcap = 1.5f; c.q_amp = 4.f; });
+  cs.add([&](attn_case& c) {
     c.bias_extents = {c.B, c.Hq, nq, nk};
     c.bias_data = test::random_bias(std::size_t(c.B * c.Hq * nq * nk), 5, true);
   });
-  add([&](attn_case& c) {
+  cs.add([&](attn_case& c) {
     c.bias_extents = {1, c.Hq, 1, nk};
     c.bias_data = test::random_bias(std::size_t(c.Hq * nk), 6, false);
   });
-  add([](attn_case& c) { c.slopes = {0.5f, 0.25f, 0.125f, 0.0625f}; });
-  add([](attn_case& c) { c.lengths = {120, 37}; c.p.causal = true; });
-  add([](attn_case& c) { c.lengths = {0, 90}; });
-  add([&](attn_case& c) {
+  cs.add([](attn_case& c) { c.slopes = {0.5f, 0.25f, 0.125f, 0.0625f}; });
+  cs.add([](attn_case& c) { c.lengths = {120, 37}; c.p.causal = true; });
+  cs.add([](attn_case& c) { c.lengths = {0, 90}; });
+  cs.add([&](attn_case& c) {
     c.p.causal = true;
     c.p.window_left = 40;
     c.p.softcap = 3.f;
@@ -310,7 +305,7 @@ TEST_CASE("sparse: attention_params restrict and modify the pattern as in flash"
     c.bias_extents = {c.B, 1, nq, nk};
     c.bias_data = test::random_bias(std::size_t(c.B * nq * nk), 7, true);
   });
-  for (const auto& c : cs) check(c, pat);
+  for (const auto& c : cs.cases) check(c, pat);
 }
 
 TEST_CASE("sparse: BHSD, padded and strided views") {
