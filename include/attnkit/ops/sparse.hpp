@@ -14,7 +14,8 @@
 // and random blocks) are read in place when their element type is the accumulation type; other K
 // tiles, and every V tile, are gathered (and converted) into the thread's K/V tile scratch. Per
 // tile only the keys some row of the block does not own are masked, element by element, to -inf.
-// Scratch is O(block_q x union of the block's keys). Results are bitwise identical for any number of threads.
+// Scratch is O(block_q x union of the block's keys). Results are bitwise identical for any number
+// of threads.
 #pragma once
 
 #include <algorithm>
