@@ -100,44 +100,47 @@ void check_decode_kernels(std::uint64_t seed) {
   const index_t W = simd::width;
   for (index_t n : {index_t(1), index_t(7), W, W + 3, 2 * W, 8 * W, 8 * W + 5})
     for (index_t nr : {index_t(1), index_t(3), index_t(4), index_t(5), index_t(16)})
-      for (index_t nk : {index_t(1), index_t(2), index_t(5), index_t(32)}) {
-        const index_t np = kernels::pad_to_width(n), ks = n + 3, ldo = nk + 1;
-        std::vector<float> x(static_cast<std::size_t>(nr * np), 0.f), out(static_cast<std::size_t>(nr * ldo), -7.f);
-        std::vector<T> k(static_cast<std::size_t>(nk * ks));
-        for (index_t r = 0; r < nr; ++r)
-          for (index_t d = 0; d < n; ++d) x[r * np + d] = u(g);
-        for (auto& e : k) e = T(u(g));
-        kernels::dot_rows(x.data(), np, nr, k.data(), ks, n, nk, out.data(), ldo);
-        // accumulate_rows: o_r = alpha_r o_r + sum_j p_rj v_j, with p = the scores just computed.
-        std::vector<float> o(static_cast<std::size_t>(nr * np), 0.f), alpha(static_cast<std::size_t>(nr));
-        for (index_t r = 0; r < nr; ++r) {
-          alpha[r] = u(g);
-          for (index_t e = 0; e < n; ++e) o[r * np + e] = u(g);
-        }
-        auto o_in = o;
-        kernels::accumulate_rows(o.data(), np, nr, alpha.data(), out.data(), ldo, k.data(), ks, n, nk);
-        for (index_t r = 0; r < nr; ++r) {
-          for (index_t j = 0; j < nk; ++j) {
-            double want = 0, mag = 0;
-            for (index_t d = 0; d < n; ++d) {
-              const double t = double(x[r * np + d]) * double(convert<float>(k[j * ks + d]));
-              want += t;
-              mag += std::abs(t);
-            }
-            CHECK(std::abs(out[r * ldo + j] - want) <= 1e-6 * mag);
+      for (index_t nk : {index_t(1), index_t(2), index_t(5), index_t(32)})
+        for (index_t step : {index_t(1), index_t(3)}) {  // scores of key j at out[r * ldo + j * step]
+          INFO("n=" << n << " nr=" << nr << " nk=" << nk << " step=" << step);
+          const index_t np = kernels::pad_to_width(n), ks = n + 3, ldo = nk * step + 1;
+          std::vector<float> x(static_cast<std::size_t>(nr * np), 0.f), out(static_cast<std::size_t>(nr * ldo), -7.f);
+          std::vector<T> k(static_cast<std::size_t>(nk * ks));
+          for (index_t r = 0; r < nr; ++r)
+            for (index_t d = 0; d < n; ++d) x[r * np + d] = u(g);
+          for (auto& e : k) e = T(u(g));
+          kernels::dot_rows(x.data(), np, nr, k.data(), ks, n, nk, out.data(), ldo, step);
+          // accumulate_rows: o_r = alpha_r o_r + sum_j p_rj v_j, with p = the scores just computed.
+          std::vector<float> o(static_cast<std::size_t>(nr * np), 0.f), alpha(static_cast<std::size_t>(nr));
+          for (index_t r = 0; r < nr; ++r) {
+            alpha[r] = u(g);
+            for (index_t e = 0; e < n; ++e) o[r * np + e] = u(g);
           }
-          CHECK(out[r * ldo + nk] == -7.f);  // nothing written past nk
-          for (index_t e = 0; e < np; ++e) {
-            double want = double(alpha[r]) * o_in[r * np + e], mag = std::abs(want);
-            for (index_t j = 0; j < nk && e < n; ++j) {
-              const double t = double(out[r * ldo + j]) * double(convert<float>(k[j * ks + e]));
-              want += t;
-              mag += std::abs(t);
+          auto o_in = o;
+          kernels::accumulate_rows(o.data(), np, nr, alpha.data(), out.data(), ldo, k.data(), ks, n, nk, step);
+          for (index_t r = 0; r < nr; ++r) {
+            for (index_t j = 0; j < nk; ++j) {
+              double want = 0, mag = 0;
+              for (index_t d = 0; d < n; ++d) {
+                const double t = double(x[r * np + d]) * double(convert<float>(k[j * ks + d]));
+                want += t;
+                mag += std::abs(t);
+              }
+              CHECK(std::abs(out[r * ldo + j * step] - want) <= 1e-6 * mag);
             }
-            CHECK(std::abs(o[r * np + e] - want) <= 1e-6 * mag);
+            for (index_t c = 0; c < ldo; ++c)  // nothing written between or past the keys' slots
+              if (c % step != 0 || c >= nk * step) CHECK(out[r * ldo + c] == -7.f);
+            for (index_t e = 0; e < np; ++e) {
+              double want = double(alpha[r]) * o_in[r * np + e], mag = std::abs(want);
+              for (index_t j = 0; j < nk && e < n; ++j) {
+                const double t = double(out[r * ldo + j * step]) * double(convert<float>(k[j * ks + e]));
+                want += t;
+                mag += std::abs(t);
+              }
+              CHECK(std::abs(o[r * np + e] - want) <= 1e-6 * mag);
+            }
           }
         }
-      }
 }
 
 TEST_CASE("dot_rows and accumulate_rows equal their definitions for every row, key and dim count") {

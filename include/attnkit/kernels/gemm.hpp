@@ -203,7 +203,7 @@ inline simd::vec load_or_tail(const T* p, index_t avail) {
 
 }  // namespace detail
 
-// out[r * ldo + j] = dot(x_r, k_j) over n elements, for r < nr and j < nk, with x_r = x + r * ldx
+// out[r * ldo + j * jo] = dot(x_r, k_j) over n elements, for r < nr and j < nk, with x_r = x + r * ldx
 // (zero padded up to pad_to_width(n)) and k_j = k + j * ks. A block of dot_rows_r rows by
 // width / dot_rows_r keys keeps one accumulator per pair, summed across lanes by one transposing
 // reduction; each key vector is loaded once per block of rows.
@@ -211,7 +211,7 @@ inline constexpr index_t dot_rows_r = simd::width >= 4 ? 4 : simd::width;
 
 template <class T>
 inline void dot_rows(const float* x, index_t ldx, index_t nr, const T* k, index_t ks, index_t n, index_t nk,
-                     float* out, index_t ldo) {
+                     float* out, index_t ldo, index_t jo = 1) {
   using simd::vec;
   constexpr index_t W = simd::width, RB = dot_rows_r, KB = W / RB;
   if (nr <= 0 || nk <= 0) return;
@@ -244,7 +244,7 @@ inline void dot_rows(const float* x, index_t ldx, index_t nr, const T* k, index_
       alignas(64) float sums[W];
       simd::hsum_rows(acc).store_aligned(sums);
       for (index_t i = 0; i < std::min(RB, nr - r0); ++i)
-        for (index_t t = 0; t < std::min(KB, nk - j0); ++t) out[(r0 + i) * ldo + j0 + t] = sums[i * KB + t];
+        for (index_t t = 0; t < std::min(KB, nk - j0); ++t) out[(r0 + i) * ldo + (j0 + t) * jo] = sums[i * KB + t];
     }
   }
 }
@@ -252,8 +252,8 @@ inline void dot_rows(const float* x, index_t ldx, index_t nr, const T* k, index_
 namespace detail {
 
 template <int NR, int CV, bool Full, class T>
-inline void accumulate_rows_block(float* o, index_t ldo, const float* alpha, const float* p, index_t ldp, const T* v,
-                                  index_t vs, index_t avail, index_t nk) {
+inline void accumulate_rows_block(float* o, index_t ldo, const float* alpha, const float* p, index_t ldp, index_t pj,
+                                  const T* v, index_t vs, index_t avail, index_t nk) {
   using simd::vec;
   constexpr index_t W = simd::width;
   vec acc[NR][CV];
@@ -267,7 +267,7 @@ inline void accumulate_rows_block(float* o, index_t ldo, const float* alpha, con
     for (int c = 0; c < CV; ++c)
       vv[c] = Full ? simd::load(vj + c * W) : load_or_tail(vj + c * W, std::max<index_t>(avail - c * W, 0));
     for (int i = 0; i < NR; ++i) {
-      const vec pb(p[i * ldp + j]);
+      const vec pb(p[i * ldp + j * pj]);
       for (int c = 0; c < CV; ++c) acc[i][c] = simd::fma(pb, vv[c], acc[i][c]);
     }
   }
@@ -276,32 +276,32 @@ inline void accumulate_rows_block(float* o, index_t ldo, const float* alpha, con
 }
 
 template <int NR, class T>
-inline void accumulate_rows_fixed(float* o, index_t ldo, const float* alpha, const float* p, index_t ldp, const T* v,
-                                  index_t vs, index_t n, index_t nk) {
+inline void accumulate_rows_fixed(float* o, index_t ldo, const float* alpha, const float* p, index_t ldp, index_t pj,
+                                  const T* v, index_t vs, index_t n, index_t nk) {
   constexpr index_t W = simd::width;
   constexpr int CV = W >= 16 ? 4 : 2;  // NR x CV accumulators + CV values fit the register file
   const index_t np = pad_to_width(n);
   index_t e = 0;
   for (; e + CV * W <= n; e += CV * W)
-    accumulate_rows_block<NR, CV, true>(o + e, ldo, alpha, p, ldp, v + e, vs, n - e, nk);
+    accumulate_rows_block<NR, CV, true>(o + e, ldo, alpha, p, ldp, pj, v + e, vs, n - e, nk);
   for (; e < np; e += W)
-    accumulate_rows_block<NR, 1, false>(o + e, ldo, alpha, p, ldp, v + e, vs, n - e, nk);
+    accumulate_rows_block<NR, 1, false>(o + e, ldo, alpha, p, ldp, pj, v + e, vs, n - e, nk);
 }
 
 }  // namespace detail
 
-// o_r = alpha[r] * o_r + sum_j p[r * ldp + j] * v_j for r < nr, j < nk, where o_r = o + r * ldo
+// o_r = alpha[r] * o_r + sum_j p[r * ldp + j * pj] * v_j for r < nr, j < nk, where o_r = o + r * ldo
 // holds pad_to_width(n) floats (the padding stays 0 when it was) and v_j = v + j * vs holds n
 // elements. Keys run in increasing order for every element.
 template <class T>
 inline void accumulate_rows(float* o, index_t ldo, index_t nr, const float* alpha, const float* p, index_t ldp,
-                            const T* v, index_t vs, index_t n, index_t nk) {
+                            const T* v, index_t vs, index_t n, index_t nk, index_t pj = 1) {
   index_t r = 0;
-  for (; r + 4 <= nr; r += 4) detail::accumulate_rows_fixed<4>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, v, vs, n, nk);
+  for (; r + 4 <= nr; r += 4) detail::accumulate_rows_fixed<4>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, pj, v, vs, n, nk);
   switch (nr - r) {
-    case 3: detail::accumulate_rows_fixed<3>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, v, vs, n, nk); break;
-    case 2: detail::accumulate_rows_fixed<2>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, v, vs, n, nk); break;
-    case 1: detail::accumulate_rows_fixed<1>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, v, vs, n, nk); break;
+    case 3: detail::accumulate_rows_fixed<3>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, pj, v, vs, n, nk); break;
+    case 2: detail::accumulate_rows_fixed<2>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, pj, v, vs, n, nk); break;
+    case 1: detail::accumulate_rows_fixed<1>(o + r * ldo, ldo, alpha + r, p + r * ldp, ldp, pj, v, vs, n, nk); break;
     default: break;
   }
 }
