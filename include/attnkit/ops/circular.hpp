@@ -225,6 +225,12 @@ inline void store_channels(T* p, index_t sd, index_t n, const vec& x) {
   }
 }
 
+// Rows ahead at which v is prefetched for reading and out for writing. One head's rows of a BSHD
+// tensor are H * D elements apart, often a new 4 KiB page per row, which the hardware prefetchers
+// do not run into. Intel dev machine, H 8, 2 threads, N 8k / 64k: D 128 13.0 / 174 -> 10.0 / 147 ms,
+// D 64 5.8 / 83 -> 5.3 / 72 ms (3 alternated runs each).
+inline constexpr index_t prefetch_rows = 16;
+
 // The channel block pair of one work unit: channels [c0, c0 + na) in the real parts, [c0 + W, c0 + W + nb)
 // in the imaginary parts.
 struct block_pair {
@@ -248,7 +254,7 @@ class value_reader {
       : base_(v.data() + b * v.stride(0) + h * v.stride(2) + bp.c0 * v.stride(3)),
         ss_(v.stride(1)), sd_(v.stride(3)), na_(bp.na), nb_(bp.nb), rows_(rows) {}
 
-  void operator()(index_t m, float* dst) {
+  [[gnu::always_inline]] void operator()(index_t m, float* dst) {
     const vec zero(0.f);
     if (m >= rows_) {
       simd::store(dst, zero);
@@ -256,6 +262,8 @@ class value_reader {
       return;
     }
     const TV* row = base_ + m * ss_;
+    if (m + prefetch_rows < rows_ && sd_ == 1)
+      simd::prefetch<2>(row + prefetch_rows * ss_, std::size_t(na_ + nb_) * sizeof(TV));
     const vec a = load_channels(row, sd_, na_);
     const vec c = nb_ > 0 ? load_channels(row + W * sd_, sd_, nb_) : zero;
     const vec big(FLT_MAX);
@@ -289,16 +297,18 @@ class row_writer {
  public:
   row_writer(const tensor_view<TO, 4>& out, index_t b, index_t h, const block_pair& bp)
       : base_(out.data() + b * out.stride(0) + h * out.stride(2) + bp.c0 * out.stride(3)),
-        os_(out.stride(1)), od_(out.stride(3)), na_(bp.na), nb_(bp.nb) {}
-  void operator()(index_t row, const vec& re, const vec& im) const {
+        os_(out.stride(1)), od_(out.stride(3)), na_(bp.na), nb_(bp.nb), rows_(out.extent(1)) {}
+  [[gnu::always_inline]] void operator()(index_t row, const vec& re, const vec& im) const {
     TO* p = base_ + row * os_;
+    if (od_ == 1 && row + prefetch_rows < rows_)
+      simd::prefetch<2, 1>(p + prefetch_rows * os_, std::size_t(na_ + nb_) * sizeof(TO));
     store_channels<Accumulate>(p, od_, na_, re);
     if (nb_ > 0) store_channels<Accumulate>(p + W * od_, od_, nb_, im);
   }
 
  private:
   TO* base_;
-  index_t os_, od_, na_, nb_;
+  index_t os_, od_, na_, nb_, rows_;
 };
 
 // The channels of a block pair, in lane order (A block, then B block).
@@ -353,6 +363,8 @@ void unpack_rows(const float* buf, index_t M, index_t r0, index_t r1, index_t fo
       im *= f;
     }
     TO* row = base + (row_offset + i) * os;
+    if (od == 1 && i + prefetch_rows < r1)
+      simd::prefetch<2, 1>(row + prefetch_rows * os, std::size_t(bp.na + bp.nb) * sizeof(TO));
     store_channels<Accumulate>(row, od, bp.na, re);
     if (bp.nb > 0) store_channels<Accumulate>(row + W * od, od, bp.nb, im);
   }

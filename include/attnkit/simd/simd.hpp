@@ -79,13 +79,13 @@ inline void store_tail(float* p, const vec& x, index_t n) {
 }
 
 // Hints the hardware to bring [p, p + bytes) into the caches ahead of use (Locality as for
-// __builtin_prefetch: 3 = all levels, 2 = L2 and below).
+// __builtin_prefetch: 3 = all levels, 2 = L2 and below; Write = 1 when the lines will be written).
 // Always inlined: out of line, GCC may treat the helper as side-effect free and drop its calls
 // (also when it is inlined into a helper that is not: mark such callers always_inline too).
-template <int Locality = 3>
+template <int Locality = 3, int Write = 0>
 [[gnu::always_inline]] inline void prefetch(const void* p, std::size_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, Locality);
+  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, Write, Locality);
 }
 
 // ---- arithmetic ---------------------------------------------------------------------------------
