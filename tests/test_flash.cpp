@@ -98,6 +98,30 @@ TEST_CASE("flash: single-token decode over a 40k-key cache") {
   check<f16>(c);
 }
 
+TEST_CASE("flash: decode reads K/V rows of every width page-interleaved, tails included") {
+  // The decode visits a tile's keys j, j + P, j + 2P, ... with P = 4096 / (bytes of one key's row,
+  // all kv heads) when that divides a page (BSHD): rows of 2 KiB (P = 2) up to 256 B (P = 16), and
+  // P = 1 otherwise or when heads are outermost. Nk leaves partial blocks in the last chunk's tile.
+  struct shape {
+    index_t Hkv, D;
+  };
+  for (auto [hkv, d] : {shape{8, 64}, shape{4, 64}, shape{2, 64}, shape{1, 64}, shape{3, 40}})
+    for (auto lay : {layout::bshd, layout::bhsd})
+      for (index_t nq : {1, 3}) {
+        attn_case c;
+        c.Nq = nq;
+        c.Nk = 997;
+        c.Hkv = hkv;
+        c.Hq = 2 * hkv;
+        c.D = d;
+        c.lay = lay;
+        c.p.causal = nq > 1;
+        c.seed = std::uint64_t(hkv * 1000 + d);
+        check(c);       // f32 rows: 2 KiB at Hkv 8 (P 2), 1 KiB (P 4), 512 B (P 8), 256 B (P 16)
+        check<f16>(c);  // f16 rows: half of those (P 4 .. 16, then 128 B: P 16 capped)
+      }
+}
+
 TEST_CASE("flash: every mask option alone and combined") {
   for (index_t nq : {1, 4, 61}) {
     const index_t nk = 150;
