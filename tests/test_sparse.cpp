@@ -486,7 +486,8 @@ TEST_CASE("sparse: bitwise identical results for 1 and 2 threads") {
 // the dilated window and the explicit pattern are gathered from the staging.
 template <class T>
 void check_groups_bitwise(const sparse_pattern& pat, index_t nq, index_t nk, layout lay, bool causal) {
-  INFO("nq=" << nq << " nk=" << nk << " layout=" << int(lay) << " causal=" << causal << " dtype=" << element_name<T>());
+  INFO("nq=" << nq << " nk=" << nk << " layout=" << int(lay) << " causal=" << causal
+              << " dtype=" << element_name<T>());
   tensor4<T> q(2, nq, 4, 24, lay), k(2, nk, 2, 24, lay), v(2, nk, 2, 20, lay);
   test::fill_uniform(q, 1);
   test::fill_uniform(k, 2);
@@ -504,7 +505,9 @@ void check_groups_bitwise(const sparse_pattern& pat, index_t nq, index_t nk, lay
   // A limit that stages a sliding window's groups (up to 4 * 48 + 170 keys of 24 + 20 elements)
   // but not those with a global row (every key).
   const std::size_t small = std::size_t(400 * 44) * sizeof(accum_t<T>);
-  for (auto [group, stage_bytes] : {std::pair<index_t, std::size_t>{4, detail::max_stage_bytes}, {4, small}, {3, small},
+  for (auto [group, stage_bytes] : {std::pair<index_t, std::size_t>{4, detail::max_stage_bytes},
+                                    {4, small},
+                                    {3, small},
                                     {2, detail::max_stage_bytes}}) {
     INFO("group=" << group << " stage_bytes=" << stage_bytes);
     run(group, stage_bytes, o2, l2);

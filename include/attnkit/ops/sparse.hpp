@@ -448,6 +448,14 @@ inline constexpr std::size_t max_stage_bytes = std::size_t(1) << 20;
 // the rows it shares with the previous group of its chunk (same batch and kv head) from that
 // group's staging, which is still in cache, rather than from K and V.
 inline constexpr index_t group_chunk = 4;
+// Measured on the Intel dev machine (bench_sparse, D 128, H 8): the rows a group stages that the
+// previous one did not (48 keys' K and V rows per 48-row block of a window, each a cold 4 KiB-apart
+// row) still cost ~12% at W 256 (timed by skipping them). Not faster, so not kept: software
+// prefetches of the next group's new rows spread over this group's tiles (into L1 or L2), copying
+// them a few rows at a time between this group's tiles, groups of 8 blocks, items ordered head
+// first (so that the 8 heads' rows of a position, one 4 KiB page, are fetched together), reading K
+// in place and staging only V, and a 16-row staircase at window edges (skips ~10% of a W 256
+// block's products; the time did not move).
 
 // The plans of one group of work blocks and the sorted union of their keys.
 struct group_keys {
@@ -491,7 +499,8 @@ void sparse_run(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const 
     const item_pos it = decode(w);
     const auto& wb = blocks[std::size_t(it.i0)];
     if (q.stride(3) == 1)
-      for (index_t c = 0; c < wb.second; ++c) simd::prefetch(&q(it.b, wb.first + c, it.h, 0), std::size_t(D) * sizeof(TQ));
+      for (index_t c = 0; c < wb.second; ++c)
+        simd::prefetch(&q(it.b, wb.first + c, it.h, 0), std::size_t(D) * sizeof(TQ));
   };
   parallel_for(items, group_chunk, [&](index_t w0, index_t w1) {
     kernels::softmax_block<A> blk;
@@ -524,7 +533,8 @@ void sparse_run(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const 
         }
       }
       const index_t nu = index_t(uni.size());
-      const bool staged = it.i1 - it.i0 > 1 && nu > 0 && std::size_t(nu) * std::size_t(D + Dv) * sizeof(A) <= stage_bytes;
+      const bool staged =
+          it.i1 - it.i0 > 1 && nu > 0 && std::size_t(nu) * std::size_t(D + Dv) * sizeof(A) <= stage_bytes;
       A *ks = nullptr, *vs = nullptr;
       if (staged) {
         auto& buf = stage[cur];
@@ -607,7 +617,8 @@ void sparse_run(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const 
           } else {
             kt = contiguous ? kernels::tile_as<A>(&k(b, kk[0], hk, 0), nk, D, k.stride(1), k.stride(3),
                                                   kernels::slot_k_tile, krs, kcs)
-                            : gather_tile<A>(&k(b, 0, hk, 0), k.stride(1), k.stride(3), kk, nk, D, kernels::slot_k_tile);
+                            : gather_tile<A>(&k(b, 0, hk, 0), k.stride(1), k.stride(3), kk, nk, D,
+                                             kernels::slot_k_tile);
             if (!contiguous) krs = D, kcs = 1;
             // V rows are always staged contiguous, even where they could be read in place: the
             // accumulation reads each V row once per 8 value dims, and per-head rows 4 KiB or more
