@@ -478,6 +478,69 @@ TEST_CASE("sparse: bitwise identical results for 1 and 2 threads") {
 #endif
 }
 
+// Groups of work blocks whose keys are staged together (detail::group_blocks), and groups copying
+// the rows they share with the previous group of their chunk from its staging, must give exactly the
+// bits of blocks run one by one from the tensors (group 1): the same tiles on the same values.
+// Mixed within one call: groups whose union exceeds a small staging limit run unstaged between
+// staged ones, groups of 3 or 2 blocks make chunks cross heads (no reuse there), and short runs of
+// the dilated window and the explicit pattern are gathered from the staging.
+template <class T>
+void check_groups_bitwise(const sparse_pattern& pat, index_t nq, index_t nk, layout lay, bool causal) {
+  INFO("nq=" << nq << " nk=" << nk << " layout=" << int(lay) << " causal=" << causal
+              << " dtype=" << element_name<T>());
+  tensor4<T> q(2, nq, 4, 24, lay), k(2, nk, 2, 24, lay), v(2, nk, 2, 20, lay);
+  test::fill_uniform(q, 1);
+  test::fill_uniform(k, 2);
+  test::fill_uniform(v, 3);
+  attention_params p;
+  p.causal = causal;
+  auto run = [&](index_t group, std::size_t stage_bytes, tensor4<float>& o, tensor3<float>& l) {
+    o.reset(2, nq, 4, 20);
+    l = tensor3<float>(2, 4, nq);
+    detail::sparse_dispatch(q.cview(), k.cview(), v.cview(), o.view, pat, p, l.view, group, stage_bytes);
+  };
+  tensor4<float> o1, o2;
+  tensor3<float> l1(2, 4, nq), l2(2, 4, nq);
+  run(1, 0, o1, l1);
+  // A limit that stages a sliding window's groups (up to 4 * 48 + 170 keys of 24 + 20 elements)
+  // but not those with a global row (every key).
+  const std::size_t small = std::size_t(400 * 44) * sizeof(accum_t<T>);
+  for (auto [group, stage_bytes] : {std::pair<index_t, std::size_t>{4, detail::max_stage_bytes},
+                                    {4, small},
+                                    {3, small},
+                                    {2, detail::max_stage_bytes}}) {
+    INFO("group=" << group << " stage_bytes=" << stage_bytes);
+    run(group, stage_bytes, o2, l2);
+    CHECK(std::memcmp(o1.buf.data(), o2.buf.data(), o1.buf.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(l1.buf.data(), l2.buf.data(), l1.buf.size() * sizeof(float)) == 0);
+  }
+}
+
+TEST_CASE("sparse: staged groups of blocks give the bits of blocks run one by one") {
+  sparse_pattern window;  // consecutive groups share most keys
+  window.window_left = 150;
+  window.window_right = 20;
+  sparse_pattern bigbird = window;  // global rows (unstaged groups), random blocks, 32-row blocks
+  bigbird.window_left = bigbird.window_right = 40;
+  bigbird.global_tokens = {0, 1, 333, 640};
+  bigbird.block_size = 64;
+  bigbird.random_blocks = 2;
+  bigbird.seed = 3;
+  sparse_pattern dilated;  // runs shorter than a tile: gathered from the staging
+  dilated.window_left = 30;
+  dilated.window_right = 6;
+  dilated.dilation = 5;
+  const csr_pattern extra = random_csr(700, 650, 0.03, 11);
+  sparse_pattern explicit_pat;  // diagonal + random keys
+  explicit_pat.extra = &extra;
+  for (const auto* pat : {&window, &bigbird, &dilated, &explicit_pat})
+    for (bool causal : {false, true}) {
+      check_groups_bitwise<float>(*pat, 700, 650, layout::bshd, causal);
+      check_groups_bitwise<bf16>(*pat, 700, 650, layout::strided, causal);
+    }
+  check_groups_bitwise<double>(window, 700, 650, layout::bhsd, true);
+}
+
 TEST_CASE("sparse_attention and to_csr validate patterns and write nothing on failure") {
   tensor4<float> q(1, 4, 2, 8), k(1, 6, 2, 8), v(1, 6, 2, 8), out(1, 4, 2, 8);
   test::fill_uniform(q, 1);

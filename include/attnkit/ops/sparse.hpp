@@ -6,19 +6,21 @@
 // and an optional explicit CSR pattern. attention_params then restrict and modify it exactly as in
 // flash_attention (causal, window, kv_lengths, bias, ALiBi, softcap).
 //
-// Plan: work items are (batch, head, block of up to flash_tiles::block_q query rows; see
-// work_blocks for the exceptions: BigBird-aligned blocks, splits at global rows). For each item a
+// Plan: work blocks are blocks of up to flash_tiles::block_q query rows of one (batch, head); see
+// work_blocks for the exceptions (BigBird-aligned blocks, splits at global rows). For each block a
 // block_plan lists the union of the keys its rows may see (sorted) together with, per key, the
-// bitmask of the block's rows that own it. The keys are streamed in tiles of flash_tiles::block_k
-// through kernels::softmax_block, as flash does: K rows of contiguous runs of keys (windows, global
-// and random blocks) are read in place when their element type is the accumulation type; other K
-// tiles, and every V tile, are gathered (and converted) into the thread's K/V tile scratch. Per
-// tile only the keys some row of the block does not own are masked, element by element, to -inf.
-// Scratch is O(block_q x union of the block's keys). Results are bitwise identical for any number
-// of threads.
+// bitmask of the block's rows that own it. Work items are groups of up to group_blocks consecutive
+// blocks: the K and V rows of the union of the group's keys are gathered (and converted) once into
+// the thread's staging buffer, and each block streams its keys from there in tiles of
+// flash_tiles::block_k through kernels::softmax_block, as flash does (a group whose union is too
+// large for the staging, e.g. with a global row, reads contiguous K runs in place and gathers the
+// rest per tile instead). Per tile only the keys some row of the block does not own are masked,
+// element by element, to -inf. Scratch is O(group x union of the group's keys). Results are
+// bitwise identical for any number of threads, and whether or not a group is staged.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cstdint>
 #include <iterator>
@@ -373,11 +375,6 @@ struct block_plan {
   }
 };
 
-inline block_plan& thread_block_plan() {
-  thread_local block_plan plan;
-  return plan;
-}
-
 // dst row r (of `cols` elements) = src row idx[r] converted to A; rows at src + idx[r] * rs.
 template <class A, class T>
 const A* gather_tile(const T* src, index_t rs, index_t cs, const index_t* idx, index_t rows, index_t cols,
@@ -437,89 +434,211 @@ inline std::vector<std::pair<index_t, index_t>> work_blocks(const pattern_parts&
   return blocks;
 }
 
+// Work items are groups of up to group_blocks consecutive work blocks of one (batch, head): the K
+// and V rows of the union of the group's keys are staged once, contiguous (and converted to the
+// accumulation type), and every block of the group reads its tiles from there. A window's
+// consecutive blocks share most of their keys, so each per-head K/V row (4 KiB apart in BSHD with
+// 8 heads of 128 floats) is fetched from memory about (W + 192) / 192 times instead of (W + 48) / 48.
+inline constexpr index_t group_blocks = 4;
+// Largest staging (union keys x (head dim + value dim) elements, in bytes) a group uses; a group
+// whose union is larger (e.g. one with a global row, which sees every key) runs block by block,
+// reading K and V from the tensors as a single block would.
+inline constexpr std::size_t max_stage_bytes = std::size_t(1) << 20;
+// Work items per parallel_for chunk: a thread runs this many consecutive groups, and a group copies
+// the rows it shares with the previous group of its chunk (same batch and kv head) from that
+// group's staging, which is still in cache, rather than from K and V.
+inline constexpr index_t group_chunk = 4;
+// Measured on the Intel dev machine (bench_sparse, D 128, H 8): the rows a group stages that the
+// previous one did not (48 keys' K and V rows per 48-row block of a window, each a cold 4 KiB-apart
+// row) still cost ~12% at W 256 (timed by skipping them). Not faster, so not kept: software
+// prefetches of the next group's new rows spread over this group's tiles (into L1 or L2), copying
+// them a few rows at a time between this group's tiles, groups of 8 blocks, items ordered head
+// first (so that the 8 heads' rows of a position, one 4 KiB page, are fetched together), reading K
+// in place and staging only V, and a 16-row staircase at window edges (skips ~10% of a W 256
+// block's products; the time did not move).
+
+// The plans of one group of work blocks and the sorted union of their keys.
+struct group_keys {
+  std::array<block_plan, group_blocks> plans;
+  std::vector<index_t> uni;
+};
+
+// Rows of src at idx[0..rows) (row r at src + idx[r] * rs, elements cs apart) converted to A, row r
+// at dst + r * cols.
+template <class A, class T>
+void convert_rows(A* dst, const T* src, index_t rs, index_t cs, const index_t* idx, index_t rows, index_t cols) {
+  for (index_t r = 0; r < rows; ++r) kernels::convert_tile(dst + r * cols, cols, src + idx[r] * rs, 1, cols, 0, cs);
+}
+
+// The operator: work items of up to `group` (<= group_blocks) work blocks, staged when the union
+// of their keys needs at most `stage_bytes`. Neither changes a result bit: every block runs the same
+// key tiles in the same order on the same values, wherever its K and V rows are read from.
 template <class A, class TQ, class TK, class TV, class TO, class TL>
 void sparse_run(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
                 const tensor_view<TO, 4>& out, const attention_params& p, const tensor_view<TL, 3>& lse,
-                const attention_shape& s, const tensor_view<const float, 4>& bias, const pattern_parts& pp) {
+                const attention_shape& s, const tensor_view<const float, 4>& bias, const pattern_parts& pp,
+                index_t group = group_blocks, std::size_t stage_bytes = max_stage_bytes) {
   constexpr index_t BK = flash_tiles::block_k, R = block_plan::max_rows;
   static_assert(flash_tiles::block_q <= R, "a query block's rows must fit in a 64-bit owner mask");
+  group = std::clamp<index_t>(group, 1, group_blocks);
   constexpr bool direct = std::is_same_v<std::remove_const_t<TK>, A>;
   const A scale = effective_scale<A>(p.scale, s.head_dim);
   const A cap = A(p.softcap);
   const bool ranged = p.causal || p.window_left >= 0 || p.window_right >= 0 || p.kv_lengths;
   const auto blocks = work_blocks(pp);
-  const index_t nqb = index_t(blocks.size()), items = s.batch * s.q_heads * nqb;
-  auto decode = [&](index_t w, index_t& b, index_t& h, index_t& q0, index_t& rows) {
-    const auto& wb = blocks[std::size_t(w % nqb)];
-    h = (w / nqb) % s.q_heads;
-    b = w / (nqb * s.q_heads);
-    q0 = wb.first;
-    rows = wb.second;
+  const index_t nqb = index_t(blocks.size()), ngr = ceil_div(nqb, group), items = s.batch * s.q_heads * ngr;
+  const index_t D = s.head_dim, Dv = s.value_dim;
+  struct item_pos {
+    index_t b, h, hk, i0, i1;
+  };
+  auto decode = [&](index_t w) {
+    const index_t g = w % ngr, h = (w / ngr) % s.q_heads, b = w / (ngr * s.q_heads);
+    return item_pos{b, h, h / s.group(), g * group, std::min(nqb, (g + 1) * group)};
   };
   auto prefetch_queries = [&](index_t w) {
-    index_t b, h, q0, rows;
-    decode(w, b, h, q0, rows);
+    const item_pos it = decode(w);
+    const auto& wb = blocks[std::size_t(it.i0)];
     if (q.stride(3) == 1)
-      for (index_t c = 0; c < rows; ++c) simd::prefetch(&q(b, q0 + c, h, 0), std::size_t(s.head_dim) * sizeof(TQ));
+      for (index_t c = 0; c < wb.second; ++c)
+        simd::prefetch(&q(it.b, wb.first + c, it.h, 0), std::size_t(D) * sizeof(TQ));
   };
-  parallel_for(items, 1, [&](index_t w0, index_t w1) {
+  parallel_for(items, group_chunk, [&](index_t w0, index_t w1) {
     kernels::softmax_block<A> blk;
-    block_plan& plan = thread_block_plan();
+    thread_local group_keys gk;
+    thread_local std::vector<index_t> merged, pos, prev_uni;
+    thread_local std::vector<A> stage[2];
+    index_t prev_b = -1, prev_hk = -1;  // (batch, kv head) staged in stage[cur ^ 1], keys prev_uni
+    int cur = 0;
     index_t lo[R], hi[R];
     for (index_t w = w0; w < w1; ++w) {
-      index_t b, h, q0, rows;
-      decode(w, b, h, q0, rows);
-      const index_t hk = h / s.group();
+      const item_pos it = decode(w);
+      const index_t b = it.b, h = it.h, hk = it.hk;
       const auto ed = kernels::make_editor<A>(p, bias, s, b, h);
-      if (ranged)
-        for (index_t c = 0; c < rows; ++c) ed.key_range(q0 + c, lo[c], hi[c]);
-      plan.build(pp, h, q0, rows, ranged ? lo : nullptr, ranged ? hi : nullptr);
-      const index_t n = index_t(plan.keys.size());
-      const index_t* keys = plan.keys.data();
-      const std::uint64_t full = rows == 64 ? ~std::uint64_t(0) : (std::uint64_t(1) << rows) - 1;
-      blk.start(rows, s.head_dim, s.value_dim, BK);
-      if (n > 0) blk.load_queries(&q(b, q0, h, 0), q.stride(1), q.stride(3), scale);
-      for (index_t t0 = 0, nk = 0; t0 < n; t0 += nk) {
-        nk = std::min(BK, n - t0);
-        // A block's query and output rows are each touched once, one cold stretch of memory per
-        // row: during the last tile, bring in this block's output rows and the next item's query
-        // rows (measured: ~3% on windows of 256 keys).
-        if (t0 + nk >= n) {
-          if (w + 1 < items) prefetch_queries(w + 1);
-          if (out.stride(3) == 1)
-            for (index_t c = 0; c < rows; ++c) simd::prefetch(&out(b, q0 + c, h, 0), std::size_t(s.value_dim) * sizeof(TO));
+      // The plans of the group's blocks and the union of their keys.
+      auto& uni = gk.uni;
+      uni.clear();
+      for (index_t i = it.i0; i < it.i1; ++i) {
+        const auto [q0, rows] = blocks[std::size_t(i)];
+        if (ranged)
+          for (index_t c = 0; c < rows; ++c) ed.key_range(q0 + c, lo[c], hi[c]);
+        auto& plan = gk.plans[std::size_t(i - it.i0)];
+        plan.build(pp, h, q0, rows, ranged ? lo : nullptr, ranged ? hi : nullptr);
+        const auto& ks = plan.keys;
+        if (uni.empty() || ks.empty() || ks.front() > uni.back()) {
+          uni.insert(uni.end(), ks.begin(), ks.end());
+        } else {
+          merged.clear();
+          std::set_union(uni.begin(), uni.end(), ks.begin(), ks.end(), std::back_inserter(merged));
+          uni.swap(merged);
         }
-        const index_t* kk = keys + t0;
-        index_t run = 1;
-        while (run < nk && kk[run] == kk[0] + run) ++run;
-        // A run of at least half a tile is read in place rather than gathered with what follows.
-        if (direct && run < nk && run >= BK / 2) nk = run;
-        const bool contiguous = run >= nk;
-        index_t krs, kcs;
-        const A* kt = contiguous
-                          ? kernels::tile_as<A>(&k(b, kk[0], hk, 0), nk, s.head_dim, k.stride(1), k.stride(3),
-                                                kernels::slot_k_tile, krs, kcs)
-                          : gather_tile<A>(&k(b, 0, hk, 0), k.stride(1), k.stride(3), kk, nk, s.head_dim,
-                                           kernels::slot_k_tile);
-        if (!contiguous) krs = s.head_dim, kcs = 1;
-        A* st = blk.scores(kt, krs, kcs, nk);
-        if (cap > 0) kernels::apply_softcap(st, nk * blk.ld(), cap);
-        if (ed.has_additive()) ed.apply(st, blk.ld(), 1, nk, [kk](index_t jj) { return kk[jj]; }, q0, rows, false);
-        const std::uint64_t* own = plan.owner.data() + t0;
-        bool partial = false;
-        for (index_t jj = 0; jj < nk && !partial; ++jj) partial = (own[jj] & full) != full;
-        if (partial) mask_unowned(st, blk.ld(), own, nk, full);
-        blk.update(nk);
-        // V rows are always staged contiguous, even where they could be read in place: the
-        // accumulation reads each V row once per 8 value dims, and per-head rows 4 KiB or more
-        // apart then cost more (address translation) than the copy. Intel dev machine, N 4096,
-        // D 128, 2 threads: W 512 1.15-1.2x, BigBird 1.15x, W 256 1.05x.
-        const A* vt = gather_tile<A>(&v(b, 0, hk, 0), v.stride(1), v.stride(3), kk, nk, s.value_dim,
-                                     kernels::slot_v_tile);
-        blk.accumulate(vt, s.value_dim, 1, nk);
       }
-      TL* lse_ptr = lse.data() ? &lse(b, h, q0) : nullptr;
-      blk.finish(&out(b, q0, h, 0), out.stride(1), out.stride(3), lse_ptr, lse.data() ? lse.stride(2) : 0);
+      const index_t nu = index_t(uni.size());
+      const bool staged =
+          it.i1 - it.i0 > 1 && nu > 0 && std::size_t(nu) * std::size_t(D + Dv) * sizeof(A) <= stage_bytes;
+      A *ks = nullptr, *vs = nullptr;
+      if (staged) {
+        auto& buf = stage[cur];
+        if (buf.size() < std::size_t(nu * (D + Dv))) buf.resize(std::size_t(nu * (D + Dv)));
+        ks = buf.data();
+        vs = ks + nu * D;
+        // Rows the thread's last staged group of this chunk staged for the same (batch, kv head)
+        // are copied from there (in cache, contiguous); the others are read from k and v.
+        const bool reuse = prev_b == b && prev_hk == hk;
+        const A* pk = stage[cur ^ 1].data();
+        const index_t pn = index_t(prev_uni.size());
+        const A* pv = pk + pn * D;
+        for (index_t u = 0, x = 0; u < nu;) {
+          if (reuse) {
+            while (x < pn && prev_uni[std::size_t(x)] < uni[std::size_t(u)]) ++x;
+          }
+          index_t e = u;
+          if (reuse && x < pn && prev_uni[std::size_t(x)] == uni[std::size_t(u)]) {
+            // a run of keys present in both, consecutively
+            while (e < nu && x + (e - u) < pn && prev_uni[std::size_t(x + e - u)] == uni[std::size_t(e)]) ++e;
+            std::copy(pk + x * D, pk + (x + e - u) * D, ks + u * D);
+            std::copy(pv + x * Dv, pv + (x + e - u) * Dv, vs + u * Dv);
+            x += e - u;
+          } else {
+            e = u + 1;
+            convert_rows(ks + u * D, &k(b, 0, hk, 0), k.stride(1), k.stride(3), uni.data() + u, 1, D);
+            convert_rows(vs + u * Dv, &v(b, 0, hk, 0), v.stride(1), v.stride(3), uni.data() + u, 1, Dv);
+          }
+          u = e;
+        }
+        prev_uni.assign(uni.begin(), uni.end());
+        prev_b = b;
+        prev_hk = hk;
+        cur ^= 1;
+      }
+      for (index_t i = it.i0; i < it.i1; ++i) {
+        const auto [q0, rows] = blocks[std::size_t(i)];
+        const block_plan& plan = gk.plans[std::size_t(i - it.i0)];
+        const index_t n = index_t(plan.keys.size());
+        const index_t* keys = plan.keys.data();
+        if (staged) {  // pos[t]: where keys[t] sits in the union
+          pos.resize(std::size_t(n));
+          for (index_t t = 0, u = 0; t < n; ++t) {
+            while (uni[std::size_t(u)] < keys[t]) ++u;
+            pos[std::size_t(t)] = u;
+          }
+        }
+        const std::uint64_t full = rows == 64 ? ~std::uint64_t(0) : (std::uint64_t(1) << rows) - 1;
+        blk.start(rows, D, Dv, BK);
+        if (n > 0) blk.load_queries(&q(b, q0, h, 0), q.stride(1), q.stride(3), scale);
+        for (index_t t0 = 0, nk = 0; t0 < n; t0 += nk) {
+          nk = std::min(BK, n - t0);
+          // A block's query and output rows are each touched once, one cold stretch of memory per
+          // row: during the last tile, bring in this block's output rows and the next block's
+          // query rows (measured: ~3% on windows of 256 keys).
+          if (t0 + nk >= n) {
+            if (i + 1 < it.i1) {
+              if (q.stride(3) == 1)
+                for (index_t c = 0; c < blocks[std::size_t(i + 1)].second; ++c)
+                  simd::prefetch(&q(b, blocks[std::size_t(i + 1)].first + c, h, 0), std::size_t(D) * sizeof(TQ));
+            } else if (w + 1 < items) {
+              prefetch_queries(w + 1);
+            }
+            if (out.stride(3) == 1)
+              for (index_t c = 0; c < rows; ++c) simd::prefetch(&out(b, q0 + c, h, 0), std::size_t(Dv) * sizeof(TO));
+          }
+          const index_t* kk = keys + t0;
+          index_t run = 1;
+          while (run < nk && kk[run] == kk[0] + run) ++run;
+          // A run of at least half a tile is read in place rather than gathered with what follows
+          // (the same tiles whether staged or not).
+          if (direct && run < nk && run >= BK / 2) nk = run;
+          const bool contiguous = run >= nk;
+          index_t krs = D, kcs = 1;
+          const A *kt, *vt;
+          if (staged) {
+            const index_t* pt = pos.data() + t0;
+            kt = contiguous ? ks + pt[0] * D : gather_tile<A>(ks, D, 1, pt, nk, D, kernels::slot_k_tile);
+            vt = contiguous ? vs + pt[0] * Dv : gather_tile<A>(vs, Dv, 1, pt, nk, Dv, kernels::slot_v_tile);
+          } else {
+            kt = contiguous ? kernels::tile_as<A>(&k(b, kk[0], hk, 0), nk, D, k.stride(1), k.stride(3),
+                                                  kernels::slot_k_tile, krs, kcs)
+                            : gather_tile<A>(&k(b, 0, hk, 0), k.stride(1), k.stride(3), kk, nk, D,
+                                             kernels::slot_k_tile);
+            if (!contiguous) krs = D, kcs = 1;
+            // V rows are always staged contiguous, even where they could be read in place: the
+            // accumulation reads each V row once per 8 value dims, and per-head rows 4 KiB or more
+            // apart then cost more (address translation) than the copy. Intel dev machine, N 4096,
+            // D 128, 2 threads: W 512 1.15-1.2x, BigBird 1.15x, W 256 1.05x.
+            vt = gather_tile<A>(&v(b, 0, hk, 0), v.stride(1), v.stride(3), kk, nk, Dv, kernels::slot_v_tile);
+          }
+          A* st = blk.scores(kt, krs, kcs, nk);
+          if (cap > 0) kernels::apply_softcap(st, nk * blk.ld(), cap);
+          if (ed.has_additive()) ed.apply(st, blk.ld(), 1, nk, [kk](index_t jj) { return kk[jj]; }, q0, rows, false);
+          const std::uint64_t* own = plan.owner.data() + t0;
+          bool partial = false;
+          for (index_t jj = 0; jj < nk && !partial; ++jj) partial = (own[jj] & full) != full;
+          if (partial) mask_unowned(st, blk.ld(), own, nk, full);
+          blk.update(nk);
+          blk.accumulate(vt, Dv, 1, nk);
+        }
+        TL* lse_ptr = lse.data() ? &lse(b, h, q0) : nullptr;
+        blk.finish(&out(b, q0, h, 0), out.stride(1), out.stride(3), lse_ptr, lse.data() ? lse.stride(2) : 0);
+      }
     }
   });
 }
@@ -527,7 +646,8 @@ void sparse_run(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const 
 template <class TQ, class TK, class TV, class TO, class TL, class Pattern>
 void sparse_dispatch(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
                      const tensor_view<TO, 4>& out, const Pattern& pattern, const attention_params& p,
-                     const tensor_view<TL, 3>& lse) {
+                     const tensor_view<TL, 3>& lse, index_t group = group_blocks,
+                     std::size_t stage_bytes = max_stage_bytes) {
   check_element_types<TQ, TK, TV, TO, TL>();
   constexpr const char* fn = "sparse_attention";
   const attention_shape s = validate_attention(fn, q, k, v, out, p, lse);
@@ -535,7 +655,8 @@ void sparse_dispatch(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, c
   else validate_csr(fn, "pattern.", pattern, s.q_len, s.kv_len);
   if (s.batch == 0 || s.q_len == 0 || s.q_heads == 0) return;
   const auto bias = broadcast_to(p.bias, {s.batch, s.q_heads, s.q_len, s.kv_len});
-  sparse_run<softmax_accum_t<TQ>>(q, k, v, out, p, lse, s, bias, resolve(pattern, s.q_len, s.kv_len));
+  sparse_run<softmax_accum_t<TQ>>(q, k, v, out, p, lse, s, bias, resolve(pattern, s.q_len, s.kv_len), group,
+                                   stage_bytes);
 }
 
 }  // namespace detail
