@@ -49,20 +49,31 @@ void naive_eigen(benchmark::State& state) {
   });
 }
 
-// Decode: one new token per sequence, B1 Hq32 Hkv8 D128, K/V of element TKV.
+// Decode, B1 Hq32 Hkv8 D128, K/V of element TKV: Nq query tokens per step (1: a plain KV-cache
+// step; more: speculative decoding) over Nk cached keys.
 template <class TKV>
-void flash_decode(benchmark::State& state) {
+void decode_step(benchmark::State& state, index_t Nq) {
   const index_t Nk = state.range(0), D = 128, Hq = 32, Hkv = 8;
   const int threads = int(state.range(1));
-  auto q = bench::random_vector<float>(std::size_t(Hq * D), 1);
+  auto q = bench::random_vector<float>(std::size_t(Nq * Hq * D), 1);
   auto k = bench::random_vector<TKV>(std::size_t(Nk * Hkv * D), 2);
   auto v = bench::random_vector<TKV>(std::size_t(Nk * Hkv * D), 3);
-  std::vector<float> out(std::size_t(Hq * D));
+  std::vector<float> out(std::size_t(Nq * Hq * D));
   const double bytes = 2.0 * double(Nk * Hkv * D) * sizeof(TKV);
-  bench::run_timed(state, threads, bench::attention_flops(1, Hq, 1, Nk, D, false), bytes, [&] {
-    flash_attention(bshd(q.data(), 1, 1, Hq, D), bshd(k.data(), 1, Nk, Hkv, D), bshd(v.data(), 1, Nk, Hkv, D),
-                    bshd(out.data(), 1, 1, Hq, D));
+  bench::run_timed(state, threads, bench::attention_flops(1, Hq, Nq, Nk, D, false), bytes, [&] {
+    flash_attention(bshd(q.data(), 1, Nq, Hq, D), bshd(k.data(), 1, Nk, Hkv, D), bshd(v.data(), 1, Nk, Hkv, D),
+                    bshd(out.data(), 1, Nq, Hq, D));
   });
+}
+
+template <class TKV>
+void flash_decode(benchmark::State& state) {
+  decode_step<TKV>(state, 1);
+}
+
+template <class TKV>
+void flash_decode_multi(benchmark::State& state) {
+  decode_step<TKV>(state, state.range(2));
 }
 
 long status_kib(const char* key) {
@@ -107,4 +118,6 @@ BENCHMARK(flash_decode<float>)->Name("flash_decode_kv_f32")->ArgNames({"Nk", "th
     ->ArgsProduct({{4096, 32768, 131072}, {1, 2}})->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(flash_decode<f16>)->Name("flash_decode_kv_f16")->ArgNames({"Nk", "threads"})
     ->ArgsProduct({{4096, 32768, 131072}, {1, 2}})->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(flash_decode_multi<f16>)->Name("flash_decode_multi_kv_f16")->ArgNames({"Nk", "threads", "Nq"})
+    ->ArgsProduct({{32768}, {2}, {4, 16}})->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(flash_peak_memory)->ArgNames({"N", "threads"})->Args({65536, 2})->Iterations(1)->Unit(benchmark::kSecond);

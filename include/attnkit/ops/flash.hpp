@@ -154,18 +154,17 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
                   const attention_shape& s, const tensor_view<const float, 4>& bias) {
   using simd::vec;
   constexpr index_t BK = flash_tiles::decode_block;
-  // Keys per call of the score pass (dot_rows' key block).
-  constexpr index_t JS = simd::width / kernels::dot_rows_r;
+  // Keys per call of the score pass (dot_rows' key block) and of the value pass: few, to keep the
+  // cache read in address order while the pass is bound by memory (up to 4 rows per kv head), 32
+  // when more rows per kv head make it bound by reloading their outputs (f16, Nk 32k, 2 threads,
+  // Nq 16 x 4 heads per kv head: 4 keys per call ran 1.3x slower). Two call sites with constant
+  // counts: one call with a count chosen at run time made the one-row decode 10% slower.
+  constexpr index_t JS = simd::width / kernels::dot_rows_r, JV = 4, JV_many_rows = 32;
   const float scale = effective_scale<float>(p.scale, s.head_dim);
   const float cap = p.softcap;
   const float ninf = -std::numeric_limits<float>::infinity();
   const index_t G = s.group(), Nq = s.q_len, Hq = s.q_heads;
   const index_t R = Hq * Nq, GR = G * Nq;  // rows per item, rows per kv head
-  // Keys per call of the value pass: few, to keep the cache read in address order when the pass is
-  // bound by memory (one query row per head), more when many rows per kv head make it bound by
-  // reloading their outputs (f16, Nk 32k, 2 threads, Nq 16 x 4 heads per kv head: 4 keys ran 1.3x
-  // slower than 32).
-  const index_t JV = std::clamp<index_t>(GR, 4, 32);
   const index_t Dp = kernels::pad_to_width(s.head_dim), Dvp = kernels::pad_to_width(s.value_dim);
   // Chunks tile only the keys some row of some batch may see ([k_begin, k_end)): with a KV cache of
   // capacity Nk holding kv_lengths[b] keys, or a window, the rest is never split or merged.
@@ -252,10 +251,12 @@ void flash_decode(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, cons
           m[r] = mx;
           if (alpha != 1.f) simd::scale(o + r * Dvp, alpha, Dvp);
         }
-        vt.visit(JV, [&](index_t hk, index_t j, index_t cnt, index_t step, const auto* rows, index_t rs) {
+        const auto values = [&](index_t hk, index_t j, index_t cnt, index_t step, const auto* rows, index_t rs) {
           kernels::accumulate_rows(o + hk * GR * Dvp, Dvp, GR, ones, sc + hk * GR * BK + j, BK, rows, rs,
                                    s.value_dim, cnt, step);
-        });
+        };
+        if (GR <= 4) vt.visit(JV, values);
+        else vt.visit(JV_many_rows, values);
       }
       // Normalise; write the final rows directly when there is a single chunk.
       for (index_t r = 0; r < R; ++r) {
