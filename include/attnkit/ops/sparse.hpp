@@ -544,9 +544,9 @@ void sparse_run(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const 
         // Rows the thread's last staged group of this chunk staged for the same (batch, kv head)
         // are copied from there (in cache, contiguous); the others are read from k and v.
         const bool reuse = prev_b == b && prev_hk == hk;
-        const A* pk = stage[cur ^ 1].data();
-        const index_t pn = index_t(prev_uni.size());
-        const A* pv = pk + pn * D;
+        const index_t pn = reuse ? index_t(prev_uni.size()) : 0;  // prev_uni may be another call's
+        const A* pk = reuse ? stage[cur ^ 1].data() : nullptr;
+        const A* pv = reuse ? pk + pn * D : nullptr;
         for (index_t u = 0, x = 0; u < nu;) {
           if (reuse) {
             while (x < pn && prev_uni[std::size_t(x)] < uni[std::size_t(u)]) ++x;
