@@ -81,9 +81,10 @@ void flash_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, con
 // key-block-then-head order visits as several streams at once. So the keys of a block are visited
 // page-interleaved (keys j, j + P, j + 2P, ... for every head, then j + 1, j + 1 + P, ..., P keys
 // per page), sweeping each page once in ascending order, and the rows two blocks ahead are
-// prefetched. Measured on the Intel dev machine (f16, Nk 32k, Hkv 8, D 128, 2 threads): 9.2 ms
-// with tiles staged by a copy, 6.6 ms in place in key-block order, 6.0 ms interleaved and
-// prefetched. Other element strides: converted to float once per tile, head-major, in scratch.
+// prefetched. Measured on the Intel dev machine (f16, Nk 32k, Hkv 8, D 128, 2 threads, a 30-call
+// loop): 9.2-9.9 ms with tiles staged by a copy, 11.2 ms in place in key-block order, 6.5-6.9 ms
+// interleaved, 5.7-6.0 ms interleaved and prefetched. Other element strides: converted to float
+// once per tile, head-major, in scratch.
 template <class T>
 class kv_tile {
  public:
