@@ -46,7 +46,10 @@ inline void gemm_block(index_t K, const float* a, index_t rs_a, index_t cs_a, co
   }
   for (index_t k = 0; k < K; ++k) {
     vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = simd::load(b + k * ldb + v * W);
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = simd::load(b + k * ldb + v * W);
+      simd::keep_in_register(bv[v]);
+    }
     const float* ak = a + k * cs_a;
     for (int r = 0; r < MR; ++r) {
       const vec ar(ak[r * rs_a]);
