@@ -327,10 +327,11 @@ inline void validate_block_mask(std::string_view fn, const block_mask& m, const 
          concat("(", m.batch(), ", ", m.heads(), ", ", m.q_blocks(), ", ", m.k_blocks(), ")"));
 }
 
-// Query rows per softmax_block in block_sparse_attention: flash's prefill row group, for the same
-// reason (a row group streams its key tiles once, so more rows read each K/V row fewer times; on
-// the Zen 5 machine 128-row groups ran a full 128 x 128 mask 1.2x faster than 48-row ones).
-inline constexpr index_t block_sparse_max_rows = flash_tiles::group_q;
+// Query rows per softmax_block in block_sparse_attention: four of flash's register blocks, for the
+// reason flash groups rows (a row group streams its key tiles once, so more rows read each K/V row
+// fewer times; on the Zen 5 machine 128-row groups ran a full 128 x 128 mask 1.2x faster than
+// 48-row ones). Not re-measured with AVX2, where flash itself now groups 96 rows.
+inline constexpr index_t block_sparse_max_rows = 4 * flash_tiles::block_q;
 
 template <class A, class TQ, class TK, class TV, class TO, class TL>
 void block_sparse_prefill(const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
