@@ -46,10 +46,7 @@ inline void gemm_block(index_t K, const float* a, index_t rs_a, index_t cs_a, co
   }
   for (index_t k = 0; k < K; ++k) {
     vec bv[NV];
-    for (int v = 0; v < NV; ++v) {
-      bv[v] = simd::load(b + k * ldb + v * W);
-      simd::keep_in_register(bv[v]);
-    }
+    for (int v = 0; v < NV; ++v) bv[v] = simd::in_register(simd::load(b + k * ldb + v * W));
     const float* ak = a + k * cs_a;
     for (int r = 0; r < MR; ++r) {
       const vec ar(ak[r * rs_a]);
@@ -230,13 +227,9 @@ inline void dot_rows(const float* x, index_t ldx, index_t nr, const T* k, index_
       index_t d = 0;
       for (; d < n_full; d += W) {
         vec kv[KB];
-        for (index_t t = 0; t < KB; ++t) {
-          kv[t] = simd::load(kj[t] + d);
-          simd::keep_in_register(kv[t]);
-        }
+        for (index_t t = 0; t < KB; ++t) kv[t] = simd::in_register(simd::load(kj[t] + d));
         for (index_t i = 0; i < RB; ++i) {
-          vec xv = simd::load(xr[i] + d);
-          simd::keep_in_register(xv);
+          const vec xv = simd::in_register(simd::load(xr[i] + d));
           for (index_t t = 0; t < KB; ++t) acc[i * KB + t] = simd::fma(xv, kv[t], acc[i * KB + t]);
         }
       }
@@ -271,10 +264,9 @@ inline void accumulate_rows_block(float* o, index_t ldo, const float* alpha, con
   for (index_t j = 0; j < nk; ++j) {
     const T* vj = v + j * vs;
     vec vv[CV];
-    for (int c = 0; c < CV; ++c) {
-      vv[c] = Full ? simd::load(vj + c * W) : load_or_tail(vj + c * W, std::max<index_t>(avail - c * W, 0));
-      simd::keep_in_register(vv[c]);
-    }
+    for (int c = 0; c < CV; ++c)
+      vv[c] = simd::in_register(Full ? simd::load(vj + c * W)
+                                     : load_or_tail(vj + c * W, std::max<index_t>(avail - c * W, 0)));
     for (int i = 0; i < NR; ++i) {
       const vec pb(p[i * ldp + j * pj]);
       for (int c = 0; c < CV; ++c) acc[i][c] = simd::fma(pb, vv[c], acc[i][c]);

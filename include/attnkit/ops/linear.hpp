@@ -631,10 +631,7 @@ inline void tri_column(simd::vec (&acc)[R][NV], const float* p, index_t ldp, con
   if constexpr (J < R) {
     constexpr index_t W = simd::width;
     simd::vec bv[NV];
-    for (int n = 0; n < NV; ++n) {
-      bv[n] = simd::load(v + J * ldv + n * W);
-      simd::keep_in_register(bv[n]);
-    }
+    for (int n = 0; n < NV; ++n) bv[n] = simd::in_register(simd::load(v + J * ldv + n * W));
     for (int i = J; i < R; ++i) {
       const simd::vec pij(p[i * ldp + J]);
       for (int n = 0; n < NV; ++n) acc[i][n] = simd::fma(pij, bv[n], acc[i][n]);

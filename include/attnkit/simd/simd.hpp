@@ -88,17 +88,18 @@ template <int Locality = 3, int Write = 0>
   for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, Write, Locality);
 }
 
-// Makes x live in a register from here on. Where registers are short (16 with AVX2), GCC and clang
-// fold a vector that is reused by several FMAs back into each FMA as a memory operand, so a 4 x 3
-// GEMM block issued 16 loads per 12 FMAs instead of 7 and ran at half speed (Zen 3: 34 vs 69
-// GFLOP/s per core on flash's Q K^T tile). An empty asm the compiler must assume reads and writes x
-// stops the folding; it emits no instruction.
-[[gnu::always_inline]] inline void keep_in_register(vec& x) {
+// Returns x in a register the compiler cannot trace back to memory. Where registers are short (16
+// with AVX2), GCC and clang fold a loaded vector that is reused by several FMAs back into each FMA
+// as a memory operand, so a 4 x 3 GEMM block issued 16 loads per 12 FMAs instead of 7 and ran at
+// half speed (Zen 3: 34 vs 69 GFLOP/s per core on flash's Q K^T tile). An empty asm the compiler
+// must assume rewrites the value stops the folding; it emits no instruction. By value: applied to
+// an array element in place, GCC also kept the array in memory and stored every pinned vector to
+// the stack (2 dead stores per 8 FMAs in dot_rows).
+[[gnu::always_inline]] inline vec in_register(vec x) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
   asm("" : "+v"(x.data));
-#else
-  (void)x;
 #endif
+  return x;
 }
 
 // ---- arithmetic ---------------------------------------------------------------------------------
