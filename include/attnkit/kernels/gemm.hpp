@@ -33,15 +33,22 @@ inline void gemm_block(index_t K, const float* a, index_t rs_a, index_t cs_a, co
   constexpr index_t W = simd::width;
   vec acc[MR][NV];
   if (overwrite) {
+    ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r)
+      ATTNKIT_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = vec(0.f);
   } else if (col_scale) {
     vec s[NV];
+    ATTNKIT_UNROLL
     for (int v = 0; v < NV; ++v) s[v] = simd::load(col_scale + v * W);
+    ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r)
+      ATTNKIT_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = simd::load(c + r * ldc + v * W) * s[v];
   } else {
+    ATTNKIT_UNROLL
     for (int r = 0; r < MR; ++r)
+      ATTNKIT_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = simd::load(c + r * ldc + v * W);
   }
   for (index_t k = 0; k < K; ++k) {
@@ -53,7 +60,9 @@ inline void gemm_block(index_t K, const float* a, index_t rs_a, index_t cs_a, co
       for (int v = 0; v < NV; ++v) acc[r][v] = simd::fma(ar, bv[v], acc[r][v]);
     }
   }
+  ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTNKIT_UNROLL
     for (int v = 0; v < NV; ++v) simd::store(c + r * ldc + v * W, acc[r][v]);
 }
 
@@ -137,7 +146,9 @@ inline void gemm_bf16_block(index_t KP, const bf16* a, index_t rs_a, const std::
   using simd::vec;
   constexpr index_t W = simd::width;
   vec acc[MR][NV];
+  ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTNKIT_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = vec(0.f);
   for (index_t kp = 0; kp < KP; ++kp) {
     const std::uint32_t* bk = b + kp * ldb;
@@ -148,7 +159,9 @@ inline void gemm_bf16_block(index_t KP, const bf16* a, index_t rs_a, const std::
     }
   }
   const vec sv(scale);
+  ATTNKIT_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTNKIT_UNROLL
     for (int v = 0; v < NV; ++v) simd::store(c + r * ldc + v * W, acc[r][v] * sv);
 }
 
@@ -257,8 +270,10 @@ inline void accumulate_rows_block(float* o, index_t ldo, const float* alpha, con
   using simd::vec;
   constexpr index_t W = simd::width;
   vec acc[NR][CV];
+  ATTNKIT_UNROLL
   for (int i = 0; i < NR; ++i) {
     const vec a(alpha[i]);
+    ATTNKIT_UNROLL
     for (int c = 0; c < CV; ++c) acc[i][c] = simd::load(o + i * ldo + c * W) * a;
   }
   for (index_t j = 0; j < nk; ++j) {
@@ -272,7 +287,9 @@ inline void accumulate_rows_block(float* o, index_t ldo, const float* alpha, con
       for (int c = 0; c < CV; ++c) acc[i][c] = simd::fma(pb, vv[c], acc[i][c]);
     }
   }
+  ATTNKIT_UNROLL
   for (int i = 0; i < NR; ++i)
+    ATTNKIT_UNROLL
     for (int c = 0; c < CV; ++c) simd::store(o + i * ldo + c * W, acc[i][c]);
 }
 
