@@ -497,10 +497,11 @@ inline simd::vec elu_plus_one_vec(const simd::vec& v) {
   return xsimd::select(v <= simd::vec(0.f), simd::exp_fast(v), v + simd::vec(1.f));
 }
 
-// The prefetches of rows [t0, t0 + L) of a head's q, k, v and out (out for writing), spread over a
-// chunk's arithmetic: step(n) issues the next n (position, tensor) rows, positions in order. A burst
-// of a chunk's ~600 line prefetches at once waits on the line fill buffers with nothing else to do;
-// a few at a time between the GEMM blocks, the waits overlap the arithmetic.
+// The prefetches of rows [t0, t0 + L) of a head's q, k, v and out (out for writing; a tensor given
+// as {} is skipped), spread over a chunk's arithmetic: step(n) issues the next n (position, tensor)
+// rows, positions in order. A burst of a chunk's hundreds of line prefetches at once waits on the
+// line fill buffers with nothing else to do; a few at a time between the GEMM blocks, the waits
+// overlap the arithmetic.
 template <class TQ, class TK, class TV, class TO>
 struct chunk_prefetcher {
   head_rows<TQ> q;
@@ -508,11 +509,21 @@ struct chunk_prefetcher {
   head_rows<TV> v;
   head_rows<TO> out;
   index_t t0 = 0, end = 0, next = 0;  // next and end count (position, tensor) pairs
+  int which[4] = {}, count = 0;       // the tensors present, in the order q, k, v, out
+
+  chunk_prefetcher(head_rows<TQ> q_, head_rows<TK> k_, head_rows<TV> v_, head_rows<TO> out_, index_t first,
+                   index_t rows)
+      : q(q_), k(k_), v(v_), out(out_), t0(first) {
+    const index_t n[4] = {q.n, k.n, v.n, out.n};
+    for (int t = 0; t < 4; ++t)
+      if (n[t] > 0) which[count++] = t;
+    end = count * std::max<index_t>(rows, 0);
+  }
 
   [[gnu::always_inline]] inline void step(index_t n) {
     for (const index_t e = std::min(next + n, end); next < e; ++next) {
-      const index_t j = t0 + next / 4;
-      switch (next % 4) {
+      const index_t j = t0 + next / count;
+      switch (which[next % count]) {
         case 0: prefetch_rows(q, j, 1); break;
         case 1: prefetch_rows(k, j, 1); break;
         case 2: prefetch_rows(v, j, 1); break;
@@ -907,7 +918,7 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   // Prefetches for the chunk at pf, spread below: for C = 32 positions and F = 64, 4 + 4 + 8 steps of
   // 4 rows between GEMM blocks and one of 2 rows per output row, the 4 C rows in all (any rest last).
   // (Steps of 8 between GEMM blocks only, none among the output rows, measured 2-3% slower.)
-  chunk_prefetcher<TQ, TK, TV, TO> pfr{qr, kr, vr, outr, pf, 4 * Lpf, 0};
+  chunk_prefetcher<TQ, TK, TV, TO> pfr(qr, kr, vr, outr, pf, Lpf);
   query_features(pl, qr, t0, L, ws, AQ, lda, stab);
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     pfr.step(4);
@@ -1014,7 +1025,7 @@ template <class Acc, class TQ, class TK, class TV, class TO>
 void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                             const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t hk,
                             index_t group, linear_scratch<Acc>& ws) {
-  constexpr index_t C = linear_block;
+  constexpr index_t C = linear_block, MR = kernels::gemm_mr;
   const index_t Nq = q.extent(1), Nk = k.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
   Acc* AQ = ws.aq;
   Acc* KR = ws.kr;
@@ -1029,12 +1040,13 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
   const head_rows<TK> kr = rows_of(k, b, hk);
   const head_rows<TV> vr = rows_of(v, b, hk);
 
+  // Each block prefetches the next block's rows, a few between its GEMM row blocks and output rows
+  // (64 positions x 2 tensors: 8 rows per 4-row block of the state GEMM; 4 per block and 1 per row
+  // of the query side). Prefetching them all at once, before the block, ran 1.15-1.3x slower on the
+  // AVX2 dev VM (elu + 1, D 64, N 8k and 64k, 1 and 2 threads).
   for (index_t t0 = 0; t0 < Nk; t0 += C) {
     const index_t L = std::min(C, Nk - t0);
-    if (t0 + C < Nk) {
-      prefetch_rows(kr, t0 + C, std::min(C, Nk - t0 - C));
-      prefetch_rows(vr, t0 + C, std::min(C, Nk - t0 - C));
-    }
+    chunk_prefetcher<TQ, TK, TV, TO> pfr({}, kr, vr, {}, t0 + C, std::min(C, Nk - t0 - C));
     const Acc r = key_features(pl, kr, t0, L, ws, KR, F, M);
     if (r != Acc(1)) {
       vscale(S, r, F * Dvp);
@@ -1042,8 +1054,12 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
     }
     if (Dv > 0)
       for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
-    kernels::gemm_acc(F, Dvp, L, KR, index_t(1), F, V, Dvp, S, Dvp);
+    for (index_t f0 = 0; f0 < F; f0 += MR) {
+      pfr.step(8);
+      kernels::gemm_acc(std::min(MR, F - f0), Dvp, L, KR + f0, index_t(1), F, V, Dvp, S + f0 * Dvp, Dvp);
+    }
     vadd_rows(z, KR, F, L, F);
+    pfr.step(pfr.end);
   }
 
   for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -1051,14 +1067,17 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
     const head_rows<TO> outr = rows_of(out, b, h);
     for (index_t t0 = 0; t0 < Nq; t0 += C) {
       const index_t L = std::min(C, Nq - t0);
-      if (t0 + C < Nq) {
-        prefetch_rows(qr, t0 + C, std::min(C, Nq - t0 - C));
-        prefetch_rows<1>(outr, t0 + C, std::min(C, Nq - t0 - C));
-      }
+      chunk_prefetcher<TQ, TK, TV, TO> pfr(qr, {}, {}, outr, t0 + C, std::min(C, Nq - t0 - C));
       query_features(pl, qr, t0, L, ws, AQ, lda, stab);
-      kernels::gemm_set(L, Dvp, F, AQ, lda, index_t(1), S, Dvp, O, Dvp);
-      for (index_t i = 0; i < L; ++i)
+      for (index_t r0 = 0; r0 < L; r0 += MR) {
+        pfr.step(4);
+        kernels::gemm_set(std::min(MR, L - r0), Dvp, F, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
+      }
+      for (index_t i = 0; i < L; ++i) {
+        pfr.step(1);
         finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, outr(t0 + i), outr.inc);
+      }
+      pfr.step(pfr.end);
     }
   }
 }
