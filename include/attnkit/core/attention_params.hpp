@@ -83,13 +83,10 @@ inline A effective_scale(float scale, index_t head_dim) {
   return head_dim > 0 ? A(1) / std::sqrt(static_cast<A>(head_dim)) : A(1);
 }
 
-// Checks q/k/v/out/lse/params of a softmax-attention call and returns its shape. Throws before
-// anything is written. `lse` may be empty (not requested).
-template <class TQ, class TK, class TV, class TO, class TL>
-attention_shape validate_attention(std::string_view fn, const tensor_view<TQ, 4>& q,
-                                   const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
-                                   const tensor_view<TO, 4>& out, const attention_params& p,
-                                   const tensor_view<TL, 3>& lse) {
+// Checks that q and k agree (batch, head_dim, kv heads dividing the query heads) and returns their
+// part of the shape (value_dim left 0).
+template <class TQ, class TK>
+attention_shape validate_qk(std::string_view fn, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k) {
   attention_shape s;
   s.batch = q.extent(0);
   s.q_len = q.extent(1);
@@ -97,12 +94,23 @@ attention_shape validate_attention(std::string_view fn, const tensor_view<TQ, 4>
   s.head_dim = q.extent(3);
   s.kv_len = k.extent(1);
   s.kv_heads = k.extent(2);
-  s.value_dim = v.extent(3);
   require(k.extent(0) == s.batch, fn, "k", text("batch extent ", s.batch, " (as q)"), k.extent(0));
   require(k.extent(3) == s.head_dim, fn, "k", text("head_dim ", s.head_dim, " (as q)"), k.extent(3));
   require(s.q_heads == 0 || s.kv_heads >= 1, fn, "k", "at least one kv head", s.kv_heads);
   require(s.kv_heads == 0 || s.q_heads % s.kv_heads == 0, fn, "k",
           text("a kv head count dividing the query head count ", s.q_heads), s.kv_heads);
+  return s;
+}
+
+// Checks q/k/v/out/lse/params of a softmax-attention call and returns its shape. Throws before
+// anything is written. `lse` may be empty (not requested).
+template <class TQ, class TK, class TV, class TO, class TL>
+attention_shape validate_attention(std::string_view fn, const tensor_view<TQ, 4>& q,
+                                   const tensor_view<TK, 4>& k, const tensor_view<TV, 4>& v,
+                                   const tensor_view<TO, 4>& out, const attention_params& p,
+                                   const tensor_view<TL, 3>& lse) {
+  attention_shape s = validate_qk(fn, q, k);
+  s.value_dim = v.extent(3);
   require_extents(fn, "v", v, {s.batch, s.kv_len, s.kv_heads, s.value_dim}, "(batch, seq, head, dim)");
   require_extents(fn, "out", out, {s.batch, s.q_len, s.q_heads, s.value_dim}, "(batch, seq, head, dim)");
   require_writable(fn, "out", out);

@@ -66,15 +66,14 @@ namespace detail {
 inline constexpr std::size_t slot_xattention = 7;  // kernels/scratch.hpp slot of the selection's buffers
 inline constexpr index_t xattention_chunk = 64;     // key groups per streamed chunk
 
-// Sizes of an XAttention problem and the block geometry of the definition above.
-struct xattn_geometry {
-  index_t batch = 0, q_len = 0, kv_len = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+// Sizes of an XAttention problem (the q/k part of attention_shape) and the block geometry of the
+// definition above.
+struct xattn_geometry : attention_shape {
   index_t s = 1, block = 1, g = 1;       // stride, block, groups per block
   index_t gq = 0, gk = 0, nqb = 0, nkb = 0;
   index_t off = 0, off_s = 0;            // Nk - Nq and floor(off / s)
   bool causal = false;
 
-  index_t group() const { return kv_heads > 0 ? q_heads / kv_heads : 1; }
   index_t last_row(index_t qb) const { return std::min(q_len, (qb + 1) * block) - 1; }
   // Largest allowed key group of query group I (causal), or gk - 1.
   index_t j_limit(index_t I) const { return causal ? std::min(gk - 1, I + off_s) : gk - 1; }
@@ -98,17 +97,7 @@ xattn_geometry validate_xattention(std::string_view fn, const tensor_view<TQ, 4>
   static_assert(is_input_element_v<std::remove_const_t<TQ>> && is_input_element_v<std::remove_const_t<TK>>,
                 "q, k elements must be float, double, attnkit::bf16 or attnkit::f16");
   xattn_geometry g;
-  g.batch = q.extent(0);
-  g.q_len = q.extent(1);
-  g.q_heads = q.extent(2);
-  g.head_dim = q.extent(3);
-  g.kv_len = k.extent(1);
-  g.kv_heads = k.extent(2);
-  require(k.extent(0) == g.batch, fn, "k", text("batch extent ", g.batch, " (as q)"), k.extent(0));
-  require(k.extent(3) == g.head_dim, fn, "k", text("head_dim ", g.head_dim, " (as q)"), k.extent(3));
-  require(g.q_heads == 0 || g.kv_heads >= 1, fn, "k", "at least one kv head", g.kv_heads);
-  require(g.kv_heads == 0 || g.q_heads % g.kv_heads == 0, fn, "k",
-          text("a kv head count dividing the query head count ", g.q_heads), g.kv_heads);
+  static_cast<attention_shape&>(g) = validate_qk(fn, q, k);
   require(xp.stride >= 1, fn, "params.stride", "a value >= 1", xp.stride);
   require(xp.block >= 1, fn, "params.block", "a value >= 1", xp.block);
   require(xp.block % xp.stride == 0, fn, "params.block", text("a multiple of params.stride ", xp.stride), xp.block);
