@@ -36,16 +36,7 @@ void block_sparse_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_v
   const detail::flash_args a = detail::prepare_block_sparse(fn, q, k, v, out, mask, params, lse);
   if (a.rows == 0) return;  // no output row
 
-  const detail::device_info dev = detail::current_device(fn);
-  detail::require_sm80(fn, dev);
-  detail::require_device_view(fn, "q", q, dev);
-  detail::require_device_view(fn, "k", k, dev);
-  detail::require_device_view(fn, "v", v, dev);
-  detail::require_device_view(fn, "out", out, dev);
-  detail::require_device_view(fn, "lse", lse, dev);
-  detail::require_device_view(fn, "params.bias", params.bias, dev);
-  detail::require_device_pointer(fn, "params.alibi_slopes", params.alibi_slopes, dev);
-  detail::require_device_pointer(fn, "params.kv_lengths", params.kv_lengths, dev);
+  const detail::device_info dev = detail::require_softmax_device(fn, q, k, v, out, lse, params);
 
   detail::stream_launcher launch{fn, dev, stream};
   detail::dispatch_block_sparse<std::remove_const_t<TQ>, TO, TL>(fn, a, mask, launch);

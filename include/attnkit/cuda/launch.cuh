@@ -183,6 +183,25 @@ void require_device_view(std::string_view fn, std::string_view arg, const T& vie
   if (!view.empty()) require_device_pointer(fn, arg, view.data(), dev);
 }
 
+// The checks of the softmax launchers (flash, block-sparse) before they queue anything: an sm_80+
+// current device that holds every view and pointer of the call. Returns that device.
+template <class TQ, class TK, class TV, class TO, class TL>
+device_info require_softmax_device(std::string_view fn, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                                   const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out,
+                                   const tensor_view<TL, 3>& lse, const attention_params& params) {
+  const device_info dev = current_device(fn);
+  require_sm80(fn, dev);
+  require_device_view(fn, "q", q, dev);
+  require_device_view(fn, "k", k, dev);
+  require_device_view(fn, "v", v, dev);
+  require_device_view(fn, "out", out, dev);
+  require_device_view(fn, "lse", lse, dev);
+  require_device_view(fn, "params.bias", params.bias, dev);
+  require_device_pointer(fn, "params.alibi_slopes", params.alibi_slopes, dev);
+  require_device_pointer(fn, "params.kv_lengths", params.kv_lengths, dev);
+  return dev;
+}
+
 }  // namespace detail
 
 // Waits for all work queued on `stream` and throws attnkit::error if any of it failed (a kernel
