@@ -474,22 +474,20 @@ head_rows<T> rows_of(const tensor_view<T, 4>& x, index_t b, index_t head) {
   return {x.data() + b * x.stride(0) + head * x.stride(2), x.stride(1), x.stride(3), x.extent(3)};
 }
 
-// Prefetches rows [t0, t0 + L) (L2 hint; rw = 1 for rows about to be written). The operators walk
-// one head of a (batch, seq, head, dim) tensor, a strided pattern the hardware prefetchers follow
-// poorly once the tensors leave the caches; asking a chunk or two ahead hides it.
+// Prefetches row t (L2 hint; rw = 1 for a row about to be written). The operators walk one head of
+// a (batch, seq, head, dim) tensor, a strided pattern the hardware prefetchers follow poorly once
+// the tensors leave the caches; asking a chunk or two ahead hides it.
 // Always inlined: GCC's IPA otherwise finds the function free of side effects and drops its calls.
-// Every cache line a row touches: a row that does not start on a line boundary (a std::vector's
+// Every cache line the row touches: a row that does not start on a line boundary (a std::vector's
 // large blocks start 16 bytes past one) spans one line more than its length suggests.
 template <int RW = 0, class T>
-[[gnu::always_inline]] inline void prefetch_rows(const head_rows<T>& x, index_t t0, index_t L) {
+[[gnu::always_inline]] inline void prefetch_row(const head_rows<T>& x, index_t t) {
   if (x.n == 0) return;
   const index_t bytes = ((x.n - 1) * x.inc + 1) * index_t(sizeof(T));
-  for (index_t j = 0; j < L; ++j) {
-    const auto first = reinterpret_cast<std::uintptr_t>(x(t0 + j));
-    const std::uintptr_t last = first + static_cast<std::uintptr_t>(bytes - 1);
-    for (std::uintptr_t line = first & ~std::uintptr_t(63); line <= last; line += 64)
-      __builtin_prefetch(reinterpret_cast<const void*>(line), RW, 2);
-  }
+  const auto first = reinterpret_cast<std::uintptr_t>(x(t));
+  const std::uintptr_t last = first + static_cast<std::uintptr_t>(bytes - 1);
+  for (std::uintptr_t line = first & ~std::uintptr_t(63); line <= last; line += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(line), RW, 2);
 }
 
 // elu(x) + 1 on a vector: exp(x) for x <= 0 (simd::exp_fast, within 2 ulp), x + 1 above; NaN stays NaN.
@@ -524,10 +522,10 @@ struct chunk_prefetcher {
     for (const index_t e = std::min(next + n, end); next < e; ++next) {
       const index_t j = t0 + next / count;
       switch (which[next % count]) {
-        case 0: prefetch_rows(q, j, 1); break;
-        case 1: prefetch_rows(k, j, 1); break;
-        case 2: prefetch_rows(v, j, 1); break;
-        default: prefetch_rows<1>(out, j, 1); break;
+        case 0: prefetch_row(q, j); break;
+        case 1: prefetch_row(k, j); break;
+        case 2: prefetch_row(v, j); break;
+        default: prefetch_row<1>(out, j); break;
       }
     }
   }
