@@ -477,17 +477,9 @@ head_rows<T> rows_of(const tensor_view<T, 4>& x, index_t b, index_t head) {
 // Prefetches row t (L2 hint; rw = 1 for a row about to be written). The operators walk one head of
 // a (batch, seq, head, dim) tensor, a strided pattern the hardware prefetchers follow poorly once
 // the tensors leave the caches; asking a chunk or two ahead hides it.
-// Always inlined: GCC's IPA otherwise finds the function free of side effects and drops its calls.
-// Every cache line the row touches: a row that does not start on a line boundary (a std::vector's
-// large blocks start 16 bytes past one) spans one line more than its length suggests.
 template <int RW = 0, class T>
 [[gnu::always_inline]] inline void prefetch_row(const head_rows<T>& x, index_t t) {
-  if (x.n == 0) return;
-  const index_t bytes = ((x.n - 1) * x.inc + 1) * index_t(sizeof(T));
-  const auto first = reinterpret_cast<std::uintptr_t>(x(t));
-  const std::uintptr_t last = first + static_cast<std::uintptr_t>(bytes - 1);
-  for (std::uintptr_t line = first & ~std::uintptr_t(63); line <= last; line += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(line), RW, 2);
+  if (x.n > 0) simd::prefetch<2, RW>(x(t), std::size_t((x.n - 1) * x.inc + 1) * sizeof(T));
 }
 
 // elu(x) + 1 on a vector: exp(x) for x <= 0 (simd::exp_fast, within 2 ulp), x + 1 above; NaN stays NaN.
