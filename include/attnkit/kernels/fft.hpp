@@ -48,6 +48,7 @@
 
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/types.hpp"
+#include "attnkit/kernels/scratch.hpp"
 #include "attnkit/simd/simd.hpp"
 
 namespace attnkit::kernels {
@@ -233,46 +234,22 @@ inline void fft_clear_plan_cache() {
 
 // ---- per-thread scratch ----------------------------------------------------------------------------
 
-// Grow-only, 64-byte aligned float buffers, one set per thread, reused across calls so that large
-// transforms do not page-fault their scratch in on every call. 64-byte alignment matters: an element
-// is whole vectors, and a vector straddling two cache lines costs two accesses. Slot numbers are a
-// convention between the callers (circular_attention uses 0..2). fft_release_thread_scratch() frees
-// the calling thread's.
-class fft_scratch_buffer {
- public:
-  fft_scratch_buffer() = default;
-  fft_scratch_buffer(const fft_scratch_buffer&) = delete;
-  fft_scratch_buffer& operator=(const fft_scratch_buffer&) = delete;
-  ~fft_scratch_buffer() { release(); }
-  float* get(index_t n) {
-    if (n > cap_) {
-      release();
-      const index_t want = std::max<index_t>(n, 16);
-      data_ = static_cast<float*>(::operator new(static_cast<std::size_t>(want) * sizeof(float), std::align_val_t(64)));
-      cap_ = want;
-    }
-    return data_;
-  }
-  void release() {
-    if (data_) ::operator delete(data_, std::align_val_t(64));
-    data_ = nullptr;
-    cap_ = 0;
-  }
-
- private:
-  float* data_ = nullptr;
-  index_t cap_ = 0;
-};
-
+// The transforms' scratch: a set of grow-only, 64-byte aligned buffers per thread (an element is
+// whole vectors), reused across calls so that large transforms do not page-fault their scratch in
+// on every call. Separate from thread_scratch's slots, because fft_release_thread_scratch() frees
+// them: a long transform's buffers are the ones worth giving back. Slot numbers are a convention
+// between the callers (circular_attention uses 0..2).
 inline constexpr int fft_scratch_slots = 4;
 
-inline fft_scratch_buffer* fft_scratch_buffers() {
-  thread_local fft_scratch_buffer bufs[fft_scratch_slots];
+inline scratch_buffer* fft_scratch_buffers() {
+  thread_local scratch_buffer bufs[fft_scratch_slots];
   return bufs;
 }
 
 // At least n floats of the calling thread's scratch slot `slot` (contents unspecified).
-inline float* fft_thread_scratch(int slot, index_t n) { return fft_scratch_buffers()[slot].get(n); }
+inline float* fft_thread_scratch(int slot, index_t n) {
+  return static_cast<float*>(fft_scratch_buffers()[slot].get(static_cast<std::size_t>(n) * sizeof(float)));
+}
 
 // Frees the calling thread's scratch (the next call that needs it allocates again).
 inline void fft_release_thread_scratch() {
