@@ -334,9 +334,10 @@ inline void butterfly(cvec* x) {
 // (k < R, strides in elements; in == out for in place). Forward (DIF): butterfly, then multiply
 // output k by tw(k, p). Inverse (DIT): multiply input k by conj(tw(k, p)), then the inverse butterfly.
 // The inverse undoes the forward one up to a factor R.
-// Forced inline: GCC 12 kept the radix-4 butterflies out of line in the stage loops (a call per
-// butterfly, in every pass of every transform); inlined, CAT at N 8k D 128 on 2 threads took 12.2
-// instead of 20.3 ms on Zen 3 (fastest of 10 alternated repetitions).
+// Forced inline (also butterfly_at): GCC 12 kept the radix-4 butterflies out of line in the stage
+// loops (a call per butterfly, in every pass of every transform; with -march=skylake-avx512 also
+// butterfly_at<3, 4, 5>, with znver3 butterfly_at<5>); inlined, CAT at N 8k D 128 on 2 threads took
+// 12.2 instead of 20.3 ms on Zen 3 (fastest of 10 alternated repetitions).
 template <int R, bool Fwd>
 [[gnu::always_inline]] inline void butterfly_io(const float* in, index_t in_stride, float* out, index_t out_stride,
                                                 index_t p, const float* tw, index_t nonzero = R) {
@@ -356,7 +357,7 @@ template <int R, bool Fwd>
 }
 
 template <int R, bool Fwd>
-inline void butterfly_at(float* x, index_t stride, index_t p, const float* tw) {
+[[gnu::always_inline]] inline void butterfly_at(float* x, index_t stride, index_t p, const float* tw) {
   butterfly_io<R, Fwd>(x, stride, x, stride, p, tw);
 }
 
