@@ -82,7 +82,7 @@ inline void store_tail(float* p, const vec& x, index_t n) {
 // (Locality as for __builtin_prefetch: 3 = all levels, 2 = L2 and below; Write = 1 when the lines
 // will be written). The lines are counted from p's own line: a range that does not start on a line
 // boundary (a std::vector of a few MiB starts 16 bytes into a page) spans one line more than
-// bytes / 64, and that last line was the one left to miss.
+// bytes / 64 suggests.
 // Always inlined: out of line, GCC may treat the helper as side-effect free and drop its calls
 // (also when it is inlined into a helper that is not: mark such callers always_inline too).
 template <int Locality = 3, int Write = 0>
@@ -90,7 +90,8 @@ template <int Locality = 3, int Write = 0>
   if (bytes == 0) return;
   const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t(63);
   const std::uintptr_t end = reinterpret_cast<std::uintptr_t>(p) + bytes;
-  for (std::uintptr_t a = first; a < end; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), Write, Locality);
+  for (std::uintptr_t a = first; a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a), Write, Locality);
 }
 
 // Returns x in a register the compiler cannot trace back to memory. Where registers are short (16
