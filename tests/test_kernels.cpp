@@ -1,7 +1,11 @@
 // Shared tile kernels against plain loops.
 #include "test_util.hpp"
 
+#include <attnkit/kernels/fft.hpp>
 #include <attnkit/kernels/gemm.hpp>
+#include <attnkit/kernels/scratch.hpp>
+
+#include <cstdint>
 
 using namespace attnkit;
 
@@ -147,4 +151,23 @@ TEST_CASE("dot_rows and accumulate_rows equal their definitions for every row, k
   check_decode_kernels<float>(11);
   check_decode_kernels<bf16>(12);
   check_decode_kernels<f16>(13);
+}
+
+TEST_CASE("per-thread scratch is 64-byte aligned, grows, and keeps its contents while large enough") {
+  // The kernels read whole vectors (up to 64 bytes) from these tiles: a misaligned tile would
+  // split vectors across cache lines. Odd sizes and both element types, growing and shrinking.
+  for (std::size_t slot : {std::size_t(0), std::size_t(7)})
+    for (std::size_t n : {std::size_t(1), std::size_t(3), std::size_t(1000), std::size_t(300000), std::size_t(5)}) {
+      INFO("slot " << slot << ", n " << n);
+      float* f = kernels::thread_scratch<float>(slot, n);
+      CHECK(reinterpret_cast<std::uintptr_t>(f) % 64 == 0);
+      f[n - 1] = 42.f;
+      CHECK(kernels::thread_scratch<float>(slot, n)[n - 1] == 42.f);  // same size: same buffer
+      auto* d = kernels::thread_scratch<double>(slot, n);
+      CHECK(reinterpret_cast<std::uintptr_t>(d) % 64 == 0);
+      float* g = kernels::fft_thread_scratch(int(slot % kernels::fft_scratch_slots), index_t(n));
+      CHECK(reinterpret_cast<std::uintptr_t>(g) % 64 == 0);
+    }
+  kernels::fft_release_thread_scratch();
+  CHECK(reinterpret_cast<std::uintptr_t>(kernels::fft_thread_scratch(0, 17)) % 64 == 0);
 }
