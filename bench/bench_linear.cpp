@@ -7,7 +7,7 @@
 // C / 2 * (F + Dv) multiply-adds per position for chunk C = 32, more with the padding to whole vectors),
 // the feature maps, FAVOR+'s projections (4 * N * m * d) and the normalizers are real work that is not
 // counted, so pct_peak understates the arithmetic rate.
-// Shapes: B = 1, H = 4 heads, F = Dv = D (elu_plus_one), fp32 bshd.
+// Shapes: B = 1, H = 4 heads (linear_causal_gqa: 16 query heads), F = Dv = D (elu_plus_one), fp32 bshd.
 #include "common.hpp"
 
 #include <attnkit/ops/linear.hpp>
@@ -17,17 +17,17 @@ using namespace attnkit;
 namespace {
 
 struct problem {
-  index_t B = 1, N, H = 4, D;
+  index_t B = 1, N, H, Hkv, D;
   std::vector<float> q, k, v, out;
-  problem(index_t n, index_t d) : N(n), D(d) {
-    const auto sz = std::size_t(B * N * H * D);
+  problem(index_t n, index_t d, index_t heads = 4, index_t kv_heads = 4) : N(n), H(heads), Hkv(kv_heads), D(d) {
+    const auto sz = std::size_t(B * N * H * D), kv = std::size_t(B * N * Hkv * D);
     q = bench::random_vector<float>(sz, 1);
-    k = bench::random_vector<float>(sz, 2);
-    v = bench::random_vector<float>(sz, 3);
+    k = bench::random_vector<float>(kv, 2);
+    v = bench::random_vector<float>(kv, 3);
     out.assign(sz, 0.f);
   }
   void run(const linear_params& p) {
-    linear_attention(bshd(q.data(), B, N, H, D), bshd(k.data(), B, N, H, D), bshd(v.data(), B, N, H, D),
+    linear_attention(bshd(q.data(), B, N, H, D), bshd(k.data(), B, N, Hkv, D), bshd(v.data(), B, N, Hkv, D),
                      bshd(out.data(), B, N, H, D), p);
   }
 };
@@ -61,6 +61,17 @@ static void linear_favor_causal(benchmark::State& state) {
   bench::run_timed(state, threads, linear_flops(pr.B, pr.H, pr.N, 256, pr.D), 0, [&] { pr.run(p); });
 }
 
+// Causal with grouped heads: 16 query heads over Hkv kv heads (16: plain multi-head, the baseline of
+// the same run; 4: groups of 4 query heads, which share one state computation). FLOPs are counted per
+// query head as above, so the shared key-side work shows as a higher rate.
+static void linear_causal_gqa(benchmark::State& state) {
+  problem pr(state.range(0), state.range(1), 16, state.range(2));
+  const int threads = int(state.range(3));
+  linear_params p;
+  p.causal = true;
+  bench::run_timed(state, threads, linear_flops(pr.B, pr.H, pr.N, pr.D, pr.D), 0, [&] { pr.run(p); });
+}
+
 // One recurrent decode step for a batch of 32 sequences x 8 heads, state 4 MiB (D = 64) or 16 MiB
 // (D = 128), read and written once per step: bytes = 2 * B * H * F * Dv * 4.
 static void linear_step(benchmark::State& state) {
@@ -89,6 +100,11 @@ BENCHMARK(linear_noncausal)->ATTNKIT_LINEAR_ARGS;
 BENCHMARK(linear_favor_causal)
     ->ArgNames({"N", "D", "threads"})
     ->ArgsProduct({{8192}, {64}, {1, 2}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(linear_causal_gqa)
+    ->ArgNames({"N", "D", "Hkv", "threads"})
+    ->ArgsProduct({{8192}, {64, 128}, {16, 4}, {1, 2}})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_step)->ArgNames({"D", "threads"})->ArgsProduct({{64, 128}, {1, 2}})->UseManualTime()->Unit(benchmark::kMicrosecond);

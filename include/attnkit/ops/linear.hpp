@@ -37,22 +37,26 @@
 //               register kernel, so masked entries are never read (a NaN in v_j reaches only rows
 //               i >= j); then S <- gamma^C S + sum_j gamma^(C-1-j) phi(k_j) v_j^T (GEMM) and z. Every
 //               decay exponent lies within a chunk (0 .. C): no gamma^(-i) growth on long sequences.
-//               A task walks 2 query heads chunk by chunk (adjacent heads share cache lines in the
-//               usual (batch, seq, head, dim) layout) and prefetches rows two chunks ahead, a few rows
-//               between each pair of GEMM blocks.
+//               With grouped heads, the query heads of a kv head with equal decay (and equal initial
+//               state) share one state: phi(K), V and the state update are computed once per chunk for
+//               all of them, each query head adding only its own P_c and output GEMMs. A task walks a
+//               group (split when there are fewer tasks than threads), or 2 query heads without GQA,
+//               chunk by chunk (adjacent heads share cache lines in the usual (batch, seq, head, dim)
+//               layout), and prefetches rows two chunks ahead, a few rows between GEMM blocks.
 //   recurrent   linear_attention_step appends one token to a linear_attention_state:
 //               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps),
 //               in one pass over the state.
-// Work is parallel over (batch, pair of query heads) (causal), (batch, kv head) (non-causal) or
-// (batch, head) (decode); each head is computed the same way whatever the thread count, so results
-// are bitwise identical for any number of threads. Scratch is per task: O(C (F + C) + F Dv) floats.
-// Known cost: with grouped heads the causal form recomputes phi(K) and the state for every query
-// head of a group (the decay may differ per query head), and decode states are per query head.
+// Work is parallel over (batch, group or pair of query heads) (causal), (batch, kv head) (non-causal)
+// or (batch, head) (decode); each head is computed the same way whatever the thread count and whether
+// its state is shared, so results are bitwise identical for any number of threads. Scratch is per
+// task: O(C (F + C) + F Dv) floats per state. Known cost: query heads of one kv head with different
+// decays keep separate states (phi(K) recomputed for each), and decode states are per query head.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numbers>
 #include <random>
@@ -690,7 +694,7 @@ inline void tri_acc(index_t rows, index_t N, const Acc* p, index_t ldp, const Ac
 
 inline constexpr index_t linear_chunk = 32;           // positions per causal chunk
 inline constexpr index_t linear_block = 64;           // keys / queries per block of the non-causal form
-inline constexpr index_t linear_head_group = 2;       // query heads per causal task, walked together
+inline constexpr index_t linear_head_group = 2;       // query heads per causal task without GQA, walked together
 inline constexpr index_t linear_prefetch_ahead = 64;  // causal: positions between a chunk and its prefetch
 static_assert(linear_chunk % 16 == 0, "a causal chunk is a whole number of vectors of every simd::width");
 
@@ -857,10 +861,11 @@ inline void finalize_row(const linear_plan<Acc>& pl, const Acc* o, Acc den, Acc 
 
 // ---- the causal chunked form -----------------------------------------------------------------------
 
-// The running state of one (batch, query head) of the causal form.
+// The running state of the causal form for query heads h .. h + nq - 1 of one batch: the heads of a
+// GQA group whose decay and initial state are equal have equal states, so they share one.
 template <class Acc>
 struct causal_head {
-  index_t h = 0, hk = 0;
+  index_t h = 0, nq = 1, hk = 0;
   bool decayed = false;
   Acc M = 0;            // FAVOR+ running key maximum
   std::vector<Acc> sv;  // storage of s
@@ -869,51 +874,54 @@ struct causal_head {
   std::vector<Acc> pw;  // C + 1: gamma^n
 };
 
-// One chunk [t0, t0 + L) (L <= linear_chunk) of one head; rows [pf, pf + Lpf) are prefetched for a
-// later chunk.
-template <class Acc, class TQ, class TK, class TV, class TO>
-void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
-                         const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t t0, index_t L,
-                         index_t pf, index_t Lpf, causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
-  constexpr index_t C = linear_chunk, MR = kernels::gemm_mr;
-  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
-  const head_rows<TQ> qr = rows_of(q, b, hs.h);
-  const head_rows<TK> kr = rows_of(k, b, hs.hk);
-  const head_rows<TV> vr = rows_of(v, b, hs.hk);
-  const head_rows<TO> outr = rows_of(out, b, hs.h);
-  Acc* AQ = ws.aq;  // [phi(Q) | P], lda = F + C
-  Acc* KR = ws.kr;  // phi(K), rows of F
-  Acc* KT = ws.kt;  // phi(K)^T, F x C
+// One chunk [t0, t0 + L) (L <= linear_chunk) of the causal form runs in three parts:
+// causal_keys (the chunk's keys and values, once per state), causal_queries (the outputs of one query
+// head reading the state) and causal_advance (the chunk added to the state). Each part issues its
+// share of the prefetches for a later chunk between its GEMM blocks.
+
+// phi(K) into ws.kr and transposed into ws.kt, V below the state; a grown FAVOR+ key maximum
+// rescales S, z.
+template <class Acc, class TK, class TV>
+void causal_keys(const linear_plan<Acc>& pl, const head_rows<TK>& kr, const head_rows<TV>& vr, index_t t0, index_t L,
+                 causal_head<Acc>& hs, linear_scratch<Acc>& ws) {
+  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp;
   Acc* S = hs.s;
-  Acc* V = S + F * Dvp;
+  const Acc r = key_features(pl, kr, t0, L, ws, ws.kr, F, hs.M);
+  if (r != Acc(1)) {
+    vscale(S, r, F * Dvp);
+    vscale(hs.z.data(), r, F);
+  }
+  transpose_rows(ws.kr, F, L, F, ws.kt, linear_chunk);
+  if (Dv > 0)
+    for (index_t j = 0; j < L; ++j) load_row(S + (F + j) * Dvp, vr(t0 + j), vr.inc, Dv);
+}
+
+// Rows [t0, t0 + L) of one query head's output from the state before the chunk and the chunk's keys.
+// pfr: 4 prefetch steps per GEMM row block and 2 per output row (for C = 32 positions, the 2 C rows
+// of a head's q and out by the end of the second GEMM). (Steps of 8 between GEMM blocks only, none
+// among the output rows, measured 2-3% slower.)
+template <class Acc, class TQ, class TO, class PF>
+void causal_queries(const linear_plan<Acc>& pl, const head_rows<TQ>& qr, const head_rows<TO>& outr, index_t t0,
+                    index_t L, const causal_head<Acc>& hs, linear_scratch<Acc>& ws, PF& pfr) {
+  constexpr index_t C = linear_chunk, MR = kernels::gemm_mr;
+  const index_t F = pl.F, Dvp = pl.Dvp, lda = ws.lda;
+  Acc* AQ = ws.aq;  // [phi(Q) | P], lda = F + C
+  const Acc* S = hs.s;
+  const Acc* V = S + F * Dvp;
   Acc* O = ws.o;
-  Acc* z = hs.z.data();
+  const Acc* z = hs.z.data();
   Acc* den = ws.den;
   Acc* stab = ws.stab;
   const Acc* pw = hs.pw.data();
   const bool decayed = hs.decayed;
 
-  // Keys and values; a grown FAVOR+ key maximum rescales S, z.
-  const Acc r = key_features(pl, kr, t0, L, ws, KR, F, hs.M);
-  if (r != Acc(1)) {
-    vscale(S, r, F * Dvp);
-    vscale(z, r, F);
-  }
-  transpose_rows(KR, F, L, F, KT, C);
-  if (Dv > 0)
-    for (index_t j = 0; j < L; ++j) load_row(V + j * Dvp, vr(t0 + j), vr.inc, Dv);
-
   // Queries into the left block of AQ, then P = phi(Q) phi(K)^T into the right block, row block by
   // row block, computing only the columns up to the block's diagonal (rounded up to a vector).
-  // Prefetches for the chunk at pf, spread below: for C = 32 positions and F = 64, 4 + 4 + 8 steps of
-  // 4 rows between GEMM blocks and one of 2 rows per output row, the 4 C rows in all (any rest last).
-  // (Steps of 8 between GEMM blocks only, none among the output rows, measured 2-3% slower.)
-  chunk_prefetcher<TQ, TK, TV, TO> pfr(qr, kr, vr, outr, pf, Lpf);
   query_features(pl, qr, t0, L, ws, AQ, lda, stab);
   for (index_t r0 = 0; r0 < L; r0 += MR) {
     pfr.step(4);
     const index_t R = std::min(MR, L - r0), nc = kernels::pad_to_width(r0 + R);
-    kernels::gemm_set(R, nc, F, AQ + r0 * lda, lda, index_t(1), KT, C, AQ + r0 * lda + F, lda);
+    kernels::gemm_set(R, nc, F, AQ + r0 * lda, lda, index_t(1), ws.kt, C, AQ + r0 * lda + F, lda);
   }
 
   // Mask and decay P (j <= i only), the normalizers, and the inter-chunk decay of phi(q_i).
@@ -939,10 +947,24 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     tri_acc(R, Dvp, AQ + r0 * lda + F + r0, lda, V + r0 * Dvp, Dvp, O + r0 * Dvp, Dvp);
   }
 
-  // State: S = gamma^L S + sum_j gamma^(L-1-j) phi(k_j) v_j^T (A = phi(K)^T read from the rows in
-  // place), z likewise.
+  for (index_t i = 0; i < L; ++i) {
+    pfr.step(2);
+    finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
+  }
+}
+
+// S = gamma^L S + sum_j gamma^(L-1-j) phi(k_j) v_j^T (A = phi(K)^T read from the rows in place), z
+// likewise. pfr: 4 prefetch steps per GEMM row block (for C = 32 and F = 64, the 2 C rows of k and v).
+template <class Acc, class PF>
+void causal_advance(const linear_plan<Acc>& pl, index_t L, causal_head<Acc>& hs, linear_scratch<Acc>& ws, PF& pfr) {
+  constexpr index_t MR = kernels::gemm_mr;
+  const index_t F = pl.F, Dvp = pl.Dvp;
+  Acc* KR = ws.kr;
+  Acc* S = hs.s;
+  Acc* z = hs.z.data();
+  const Acc* pw = hs.pw.data();
   const Acc* cs = nullptr;
-  if (decayed) {
+  if (hs.decayed) {
     for (index_t j = 0; j < L; ++j) vscale(KR + j * F, pw[L - 1 - j], F);
     std::fill(ws.colscale, ws.colscale + Dvp, pw[L]);
     cs = ws.colscale;
@@ -950,21 +972,17 @@ void linear_causal_chunk(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
   }
   for (index_t f0 = 0; f0 < F; f0 += MR) {
     pfr.step(4);
-    kernels::gemm_acc(std::min(MR, F - f0), Dvp, L, KR + f0, index_t(1), F, V, Dvp, S + f0 * Dvp, Dvp, cs);
+    kernels::gemm_acc(std::min(MR, F - f0), Dvp, L, KR + f0, index_t(1), F, S + F * Dvp, Dvp, S + f0 * Dvp, Dvp, cs);
   }
   vadd_rows(z, KR, F, L, F);
-
-  for (index_t i = 0; i < L; ++i) {
-    pfr.step(2);
-    finalize_row(pl, O + i * Dvp, den[i], stab[i] + hs.M, outr(t0 + i), outr.inc);
-  }
-  pfr.step(pfr.end);  // whatever is left (short chunks, many features)
 }
 
 // Query heads [h0, h0 + nh) of batch b, chunk by chunk and head by head within a chunk: in the
 // common (batch, seq, head, dim) layout the heads of a position are adjacent, so a task that walks
 // several heads together uses every cache line it brings in. st_* (optional) hold the caller's
-// state for these heads, read at the start and written at the end.
+// state for these heads, read at the start and written at the end. Consecutive heads of one kv head
+// with equal decay and equal (bitwise) initial state share one state: the keys, values and state
+// update of a chunk are computed once for them, exactly as each head would compute them alone.
 template <class Acc, class TQ, class TK, class TV, class TO>
 void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                          const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t h0,
@@ -972,14 +990,34 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
                          std::vector<causal_head<Acc>>& heads, Acc* st_s, Acc* st_z, Acc* st_m) {
   constexpr index_t C = linear_chunk;
   const index_t N = q.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp;
-  for (index_t i = 0; i < nh; ++i) {
-    causal_head<Acc>& hs = heads[static_cast<std::size_t>(i)];
+  const auto same_state = [&](index_t a, index_t c) {  // heads h0 + a and h0 + c (a < c)
+    const index_t ha = h0 + a, hc = h0 + c;
+    if (ha / group != hc / group) return false;
+    if (decay && std::memcmp(decay + ha, decay + hc, sizeof(float)) != 0) return false;
+    if (!st_s) return true;
+    const auto bytes = [](index_t n) { return static_cast<std::size_t>(n) * sizeof(Acc); };
+    return std::memcmp(st_s + a * F * Dv, st_s + c * F * Dv, bytes(F * Dv)) == 0 &&
+           std::memcmp(st_z + a * F, st_z + c * F, bytes(F)) == 0 &&
+           (!pl.favor() || std::memcmp(st_m + a, st_m + c, bytes(1)) == 0);
+  };
+  index_t ns = 0;  // states in use
+  for (index_t i = 0; i < nh;) {
+    index_t n = 1;
+    while (i + n < nh && same_state(i, i + n)) ++n;
+    causal_head<Acc>& hs = heads[static_cast<std::size_t>(ns++)];
+    if (hs.sv.empty()) {
+      hs.sv.assign(static_cast<std::size_t>((F + C) * Dvp) + line_slack, Acc(0));
+      hs.s = line_aligned(hs.sv.data());
+      hs.z.assign(static_cast<std::size_t>(std::max<index_t>(F, 1)), Acc(0));
+      hs.pw.assign(static_cast<std::size_t>(C + 1), Acc(1));
+    }
     hs.h = h0 + i;
+    hs.nq = n;
     hs.hk = hs.h / group;
     hs.decayed = decay != nullptr && decay[hs.h] != 1.f;
     if (hs.decayed)
-      for (index_t n = 0; n <= C; ++n)
-        hs.pw[static_cast<std::size_t>(n)] = static_cast<Acc>(std::pow(double(decay[hs.h]), double(n)));
+      for (index_t e = 0; e <= C; ++e)
+        hs.pw[static_cast<std::size_t>(e)] = static_cast<Acc>(std::pow(double(decay[hs.h]), double(e)));
     // Initial state: zero, or the caller's prefix.
     std::fill(hs.s, hs.s + F * Dvp, Acc(0));
     std::fill(hs.z.begin(), hs.z.end(), Acc(0));
@@ -991,21 +1029,38 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
       }
       if (pl.favor()) hs.M = st_m[i];
     }
+    i += n;
   }
   for (index_t t0 = 0; t0 < N; t0 += C) {
     const index_t L = std::min(C, N - t0);
     const index_t pf = t0 + linear_prefetch_ahead, Lpf = std::min(C, std::max<index_t>(0, N - pf));
-    for (index_t i = 0; i < nh; ++i)
-      linear_causal_chunk(pl, q, k, v, out, b, t0, L, pf, Lpf, heads[static_cast<std::size_t>(i)], ws);
+    for (index_t si = 0; si < ns; ++si) {
+      causal_head<Acc>& hs = heads[static_cast<std::size_t>(si)];
+      const head_rows<TK> kr = rows_of(k, b, hs.hk);
+      const head_rows<TV> vr = rows_of(v, b, hs.hk);
+      causal_keys(pl, kr, vr, t0, L, hs, ws);
+      for (index_t h = hs.h; h < hs.h + hs.nq; ++h) {
+        const head_rows<TQ> qr = rows_of(q, b, h);
+        const head_rows<TO> outr = rows_of(out, b, h);
+        chunk_prefetcher<TQ, TK, TV, TO> pfr(qr, {}, {}, outr, pf, Lpf);
+        causal_queries(pl, qr, outr, t0, L, hs, ws, pfr);
+        pfr.step(pfr.end);  // whatever is left (short chunks, many features)
+      }
+      chunk_prefetcher<TQ, TK, TV, TO> pfr({}, kr, vr, {}, pf, Lpf);
+      causal_advance(pl, L, hs, ws, pfr);
+      pfr.step(pfr.end);
+    }
   }
   if (st_s)
-    for (index_t i = 0; i < nh; ++i) {
-      const causal_head<Acc>& hs = heads[static_cast<std::size_t>(i)];
-      for (index_t f = 0; f < F; ++f) {
-        std::copy(hs.s + f * Dvp, hs.s + f * Dvp + Dv, st_s + (i * F + f) * Dv);
-        st_z[i * F + f] = hs.z[static_cast<std::size_t>(f)];
+    for (index_t si = 0; si < ns; ++si) {
+      const causal_head<Acc>& hs = heads[static_cast<std::size_t>(si)];
+      for (index_t i = hs.h - h0; i < hs.h - h0 + hs.nq; ++i) {
+        for (index_t f = 0; f < F; ++f) {
+          std::copy(hs.s + f * Dvp, hs.s + f * Dvp + Dv, st_s + (i * F + f) * Dv);
+          st_z[i * F + f] = hs.z[static_cast<std::size_t>(f)];
+        }
+        if (pl.favor()) st_m[i] = hs.M;
       }
-      if (pl.favor()) st_m[i] = hs.M;
     }
 }
 
@@ -1072,6 +1127,16 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
   }
 }
 
+// Query heads per causal task: a whole GQA group, so that its heads share one state computation,
+// halved (each part computing the state on its own) while there are fewer tasks than threads;
+// linear_head_group without GQA. The results do not depend on the split: a head's arithmetic is the
+// same whether its state is shared or not.
+inline index_t causal_task_heads(const attention_shape& s) {
+  index_t heads = std::max(s.group(), linear_head_group);
+  while (heads > linear_head_group && s.batch * ceil_div(s.q_heads, heads) < max_threads()) heads = ceil_div(heads, index_t(2));
+  return heads;
+}
+
 template <class Acc, class TQ, class TK, class TV, class TO>
 void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                 const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const linear_params& p,
@@ -1079,18 +1144,12 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
   const attention_shape& s = ls.s;
   const linear_plan<Acc> pl = make_linear_plan<Acc>(ls, p);
   if (p.causal) {
-    const index_t F = pl.F, Dv = pl.Dv, G = linear_head_group, groups = (s.q_heads + G - 1) / G;
+    const index_t F = pl.F, Dv = pl.Dv, per_task = causal_task_heads(s), groups = ceil_div(s.q_heads, per_task);
     parallel_for(s.batch * groups, 1, [&](index_t t0, index_t t1) {
       linear_scratch<Acc> ws(pl, linear_chunk, false);
-      std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(G));
-      for (auto& hs : heads) {
-        hs.sv.assign(static_cast<std::size_t>((F + linear_chunk) * pl.Dvp) + line_slack, Acc(0));
-        hs.s = line_aligned(hs.sv.data());
-        hs.z.assign(static_cast<std::size_t>(std::max<index_t>(F, 1)), Acc(0));
-        hs.pw.assign(static_cast<std::size_t>(linear_chunk + 1), Acc(1));
-      }
+      std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(per_task));  // storage allocated when used
       for (index_t t = t0; t < t1; ++t) {
-        const index_t b = t / groups, h0 = (t % groups) * G, nh = std::min(G, s.q_heads - h0);
+        const index_t b = t / groups, h0 = (t % groups) * per_task, nh = std::min(per_task, s.q_heads - h0);
         const index_t first = b * s.q_heads + h0;  // state index of (b, h0)
         linear_causal_heads(pl, q, k, v, out, b, h0, nh, s.group(), p.decay, ws, heads,
                             st ? st->s.data() + first * F * Dv : nullptr, st ? st->z.data() + first * F : nullptr,
