@@ -138,59 +138,64 @@ TEST_CASE("memory layout does not change a single bit of the output") {
 TEST_CASE("causal GQA: query heads sharing a kv head's state give bitwise the output of separate kv heads") {
   // The causal form computes one state for the query heads of a kv head with equal decay and equal
   // initial state. Duplicating each kv head for its query heads (no sharing possible) must give the
-  // same bits, for whole groups per task (B 4 x 2 groups = 8 tasks) and split groups (B 1), for
-  // decays equal or not within a group, and for a prefill in two pieces through a state.
-  const index_t N = 75, N1 = 40, Hq = 8, Hkv = 2, G = Hq / Hkv, D = 20, Dv = 12;
+  // same bits: for whole groups per task (1 thread, or B 4) and groups split over tasks (B 1 on 4
+  // threads: 2 + 2 heads for groups of 4; 3-head tasks that straddle the groups of 5), for decays
+  // equal or not within a group, and for a prefill in two pieces through a state.
+  const index_t N = 75, N1 = 40, Hkv = 2, D = 20, Dv = 12;
   const favor_projection proj = make_favor_projection(24, D, 9);
-  const float uniform[Hq] = {0.9f, 0.9f, 0.9f, 0.9f, 0.8f, 0.8f, 0.8f, 0.8f};
-  const float mixed[Hq] = {0.9f, 0.9f, 0.95f, 0.9f, 1.f, 1.f, 1.f, 0.5f};
-  for (index_t B : {index_t(1), index_t(4)})
-    for (feature_map phi : {feature_map::elu_plus_one, feature_map::favor_positive})
-      for (const float* decay : {static_cast<const float*>(nullptr), uniform, mixed}) {
-        const linear_params p = make_params(phi, true, true, decay, &proj);
-        const qkv in(B, N, N, Hq, Hkv, D, Dv, 700);
-        tensor4<float> k(B, N, Hq, D), v(B, N, Hq, Dv);
-        for (index_t b = 0; b < B; ++b)
-          for (index_t t = 0; t < N; ++t)
-            for (index_t h = 0; h < Hq; ++h) {
-              for (index_t d = 0; d < D; ++d) k(b, t, h, d) = in.k.view(b, t, h / G, d);
-              for (index_t d = 0; d < Dv; ++d) v(b, t, h, d) = in.v.view(b, t, h / G, d);
-            }
-        INFO("B=" << B << " " << feature_map_name(phi) << " decay=" << (decay == uniform ? "uniform" : decay ? "mixed" : "none"));
-        tensor4<float> shared(B, N, Hq, Dv), separate(B, N, Hq, Dv);
-        linear_attention(in.q.view, k.view, v.view, separate.view, p);
+  for (index_t G : {index_t(4), index_t(5)})
+    for (index_t B : {index_t(1), index_t(4)})
+      for (feature_map phi : {feature_map::elu_plus_one, feature_map::favor_positive})
+        for (int mode : {0, 1, 2}) {  // no decay, equal within each group, mixed
+          const index_t Hq = G * Hkv;
+          std::vector<float> decay_values(static_cast<std::size_t>(Hq));
+          for (index_t h = 0; h < Hq; ++h)
+            decay_values[static_cast<std::size_t>(h)] =
+                mode == 1 ? 0.9f - 0.1f * float(h / G) : h % 3 == 2 ? 0.95f : 0.9f;
+          const float* decay = mode == 0 ? nullptr : decay_values.data();
+          const linear_params p = make_params(phi, true, true, decay, &proj);
+          const qkv in(B, N, N, Hq, Hkv, D, Dv, 700);
+          tensor4<float> k(B, N, Hq, D), v(B, N, Hq, Dv);
+          for (index_t b = 0; b < B; ++b)
+            for (index_t t = 0; t < N; ++t)
+              for (index_t h = 0; h < Hq; ++h) {
+                for (index_t d = 0; d < D; ++d) k(b, t, h, d) = in.k.view(b, t, h / G, d);
+                for (index_t d = 0; d < Dv; ++d) v(b, t, h, d) = in.v.view(b, t, h / G, d);
+              }
+          INFO("G=" << G << " B=" << B << " " << feature_map_name(phi) << " decay mode " << mode);
+          tensor4<float> shared(B, N, Hq, Dv), separate(B, N, Hq, Dv);
+          linear_attention(in.q.view, k.view, v.view, separate.view, p);
 #if defined(_OPENMP)
-        // With B = 1, 4 threads split each group over two tasks, 1 thread does not.
-        const int saved = omp_get_max_threads();
-        for (int threads : {1, 4}) {
-          omp_set_num_threads(threads);
+          const int saved = omp_get_max_threads();
+          for (int threads : {1, 4}) {
+            omp_set_num_threads(threads);
+            linear_attention(in.q.view, in.k.view, in.v.view, shared.view, p);
+            CHECK(std::memcmp(shared.buf.data(), separate.buf.data(), shared.buf.size() * sizeof(float)) == 0);
+          }
+          omp_set_num_threads(saved);
+#else
           linear_attention(in.q.view, in.k.view, in.v.view, shared.view, p);
           CHECK(std::memcmp(shared.buf.data(), separate.buf.data(), shared.buf.size() * sizeof(float)) == 0);
-        }
-        omp_set_num_threads(saved);
-#else
-        linear_attention(in.q.view, in.k.view, in.v.view, shared.view, p);
-        CHECK(std::memcmp(shared.buf.data(), separate.buf.data(), shared.buf.size() * sizeof(float)) == 0);
 #endif
-        // In two pieces through a state: the second piece starts from states that are equal within a
-        // group (uniform or no decay) or not (mixed decay; and head 1, whose state is halved between
-        // the pieces), and the final states agree too.
-        const index_t F = linear_feature_dim(p, D);
-        linear_attention_state st_shared(B, Hq, F, Dv), st_separate = st_shared;
-        for (auto [t0, t1] : {std::pair<index_t, index_t>{0, N1}, {N1, N}}) {
-          linear_attention(in.q.view.slice(1, t0, t1), in.k.view.slice(1, t0, t1), in.v.view.slice(1, t0, t1),
-                           shared.view.slice(1, t0, t1), p, st_shared);
-          linear_attention(in.q.view.slice(1, t0, t1), k.view.slice(1, t0, t1), v.view.slice(1, t0, t1),
-                           separate.view.slice(1, t0, t1), p, st_separate);
-          for (auto* st : {&st_shared, &st_separate}) {
-            for (index_t e = F * Dv; e < 2 * F * Dv; ++e) st->s[static_cast<std::size_t>(e)] *= 0.5f;
-            for (index_t e = F; e < 2 * F; ++e) st->z[static_cast<std::size_t>(e)] *= 0.5f;
+          // In two pieces through a state: the second piece starts from states that are equal within a
+          // group (uniform or no decay) or not (mixed decay; and head 1, whose state is halved between
+          // the pieces), and the final states agree too.
+          const index_t F = linear_feature_dim(p, D);
+          linear_attention_state st_shared(B, Hq, F, Dv), st_separate = st_shared;
+          for (auto [t0, t1] : {std::pair<index_t, index_t>{0, N1}, {N1, N}}) {
+            linear_attention(in.q.view.slice(1, t0, t1), in.k.view.slice(1, t0, t1), in.v.view.slice(1, t0, t1),
+                             shared.view.slice(1, t0, t1), p, st_shared);
+            linear_attention(in.q.view.slice(1, t0, t1), k.view.slice(1, t0, t1), v.view.slice(1, t0, t1),
+                             separate.view.slice(1, t0, t1), p, st_separate);
+            for (auto* st : {&st_shared, &st_separate}) {
+              for (index_t e = F * Dv; e < 2 * F * Dv; ++e) st->s[static_cast<std::size_t>(e)] *= 0.5f;
+              for (index_t e = F; e < 2 * F; ++e) st->z[static_cast<std::size_t>(e)] *= 0.5f;
+            }
           }
+          CHECK(std::memcmp(shared.buf.data(), separate.buf.data(), shared.buf.size() * sizeof(float)) == 0);
+          CHECK(st_shared.s == st_separate.s);
+          CHECK(st_shared.z == st_separate.z);
         }
-        CHECK(std::memcmp(shared.buf.data(), separate.buf.data(), shared.buf.size() * sizeof(float)) == 0);
-        CHECK(st_shared.s == st_separate.s);
-        CHECK(st_shared.z == st_separate.z);
-      }
 }
 
 TEST_CASE("bf16 and f16 inputs match the reference on the same rounded values and double matches to 1e-12") {

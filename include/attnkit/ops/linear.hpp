@@ -1133,7 +1133,8 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
 // same whether its state is shared or not.
 inline index_t causal_task_heads(const attention_shape& s) {
   index_t heads = std::max(s.group(), linear_head_group);
-  while (heads > linear_head_group && s.batch * ceil_div(s.q_heads, heads) < max_threads()) heads = ceil_div(heads, index_t(2));
+  while (heads > linear_head_group && s.batch * ceil_div(s.q_heads, heads) < max_threads())
+    heads = ceil_div(heads, index_t(2));
   return heads;
 }
 
