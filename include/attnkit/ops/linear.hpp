@@ -897,9 +897,9 @@ void causal_keys(const linear_plan<Acc>& pl, const head_rows<TK>& kr, const head
 }
 
 // Rows [t0, t0 + L) of one query head's output from the state before the chunk and the chunk's keys.
-// pfr: 4 prefetch steps per GEMM row block and 2 per output row (for C = 32 positions, the 2 C rows
-// of a head's q and out by the end of the second GEMM). (Steps of 8 between GEMM blocks only, none
-// among the output rows, measured 2-3% slower.)
+// pfr: 4 prefetch steps per GEMM row block and 2 per output row (with AVX2's 4-row blocks and C = 32
+// positions, the 2 C rows of a head's q and out are asked for by the end of the second GEMM). (Steps
+// of 8 between GEMM blocks only, none among the output rows, measured 2-3% slower.)
 template <class Acc, class TQ, class TO, class PF>
 void causal_queries(const linear_plan<Acc>& pl, const head_rows<TQ>& qr, const head_rows<TO>& outr, index_t t0,
                     index_t L, const causal_head<Acc>& hs, linear_scratch<Acc>& ws, PF& pfr) {
@@ -954,7 +954,8 @@ void causal_queries(const linear_plan<Acc>& pl, const head_rows<TQ>& qr, const h
 }
 
 // S = gamma^L S + sum_j gamma^(L-1-j) phi(k_j) v_j^T (A = phi(K)^T read from the rows in place), z
-// likewise. pfr: 4 prefetch steps per GEMM row block (for C = 32 and F = 64, the 2 C rows of k and v).
+// likewise. pfr: 4 prefetch steps per GEMM row block (AVX2, C = 32, F = 64: the 2 C rows of k and v;
+// the caller issues any rest).
 template <class Acc, class PF>
 void causal_advance(const linear_plan<Acc>& pl, index_t L, causal_head<Acc>& hs, linear_scratch<Acc>& ws, PF& pfr) {
   constexpr index_t MR = kernels::gemm_mr;
