@@ -126,9 +126,11 @@ struct tensor3 {
       : buf(static_cast<std::size_t>(std::max<index_t>(B * H * S, 1)), init), view(bhs(buf.data(), B, H, S)) {}
 };
 
+// A NaN or infinity where the other side has a different value (a finite one, or the other
+// non-finite) counts as an infinite error, so that max_abs and rel() cannot pass over it.
 struct error_stats {
   double max_abs = 0;   // max |got - want|
-  double max_ref = 0;   // max |want|
+  double max_ref = 0;   // max |want| over finite values
   double rel() const { return max_abs / std::max(max_ref, 1e-30); }
   bool mismatched_nonfinite = false;  // got and want disagree on NaN/inf somewhere
 };
@@ -136,7 +138,10 @@ struct error_stats {
 inline void accumulate(error_stats& e, double got, double want) {
   if (!std::isfinite(want) || !std::isfinite(got)) {
     const bool same = (std::isnan(want) && std::isnan(got)) || (got == want);
-    if (!same) e.mismatched_nonfinite = true;
+    if (!same) {
+      e.mismatched_nonfinite = true;
+      e.max_abs = std::numeric_limits<double>::infinity();
+    }
     return;
   }
   e.max_abs = std::max(e.max_abs, std::abs(got - want));
