@@ -61,16 +61,18 @@ static void linear_favor_causal(benchmark::State& state) {
   bench::run_timed(state, threads, linear_flops(pr.B, pr.H, pr.N, 256, pr.D), 0, [&] { pr.run(p); });
 }
 
-// Causal with grouped heads: 16 query heads over Hkv kv heads (16: plain multi-head, the baseline of
-// the same run; 4: groups of 4 query heads, which share one state computation). FLOPs are counted per
-// query head as above, so the shared key-side work shows as a higher rate.
-static void linear_causal_gqa(benchmark::State& state) {
+// Grouped heads: 16 query heads over Hkv kv heads (16: plain multi-head, the baseline of the same run;
+// 4 and 1: groups whose query heads share one key side, S = phi(K)^T V). FLOPs are counted per query
+// head as above, so the shared key-side work shows as a higher rate.
+static void run_gqa_bench(benchmark::State& state, bool causal) {
   problem pr(state.range(0), state.range(1), 16, state.range(2));
   const int threads = int(state.range(3));
   linear_params p;
-  p.causal = true;
+  p.causal = causal;
   bench::run_timed(state, threads, linear_flops(pr.B, pr.H, pr.N, pr.D, pr.D), 0, [&] { pr.run(p); });
 }
+static void linear_causal_gqa(benchmark::State& state) { run_gqa_bench(state, true); }
+static void linear_noncausal_gqa(benchmark::State& state) { run_gqa_bench(state, false); }
 
 // One recurrent decode step for a batch of 32 sequences x 8 heads, state 4 MiB (D = 64) or 16 MiB
 // (D = 128), read and written once per step: bytes = 2 * B * H * F * Dv * 4.
@@ -102,9 +104,11 @@ BENCHMARK(linear_favor_causal)
     ->ArgsProduct({{8192}, {64}, {1, 2}})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(linear_causal_gqa)
-    ->ArgNames({"N", "D", "Hkv", "threads"})
-    ->ArgsProduct({{8192}, {64, 128}, {16, 4}, {1, 2}})
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond);
+#define ATTNKIT_LINEAR_GQA_ARGS                                                                              \
+  ArgNames({"N", "D", "Hkv", "threads"})                                                                     \
+      ->ArgsProduct({{8192}, {64, 128}, {16, 4, 1}, {1, 2}})                                                 \
+      ->UseManualTime()                                                                                      \
+      ->Unit(benchmark::kMillisecond)
+BENCHMARK(linear_causal_gqa)->ATTNKIT_LINEAR_GQA_ARGS;
+BENCHMARK(linear_noncausal_gqa)->ATTNKIT_LINEAR_GQA_ARGS;
 BENCHMARK(linear_step)->ArgNames({"D", "threads"})->ArgsProduct({{64, 128}, {1, 2}})->UseManualTime()->Unit(benchmark::kMicrosecond);

@@ -103,7 +103,7 @@ TEST_CASE("causal chunks: value widths of 1 to 8 vectors, Dv != D, and lengths a
 
 TEST_CASE("non-causal with Nq != Nk and batch 3 and GQA 6:2 and Dv != D") {
   const index_t B = 3, Nq = 37, Nk = 201, Hq = 6, Hkv = 2, D = 24, Dv = 40;
-  const favor_projection proj = make_favor_projection(64, D, 11);
+  const favor_projection proj = make_favor_projection(64, D, 11), proj16 = make_favor_projection(32, 16, 12);
   for (feature_map phi : all_maps) {
     const qkv in(B, Nq, Nk, Hq, Hkv, D, Dv, 200, needs_positive(phi, true));
     const auto e = against_reference(in.q.view, in.k.view, in.v.view, make_params(phi, false, true, nullptr, &proj));
@@ -113,6 +113,14 @@ TEST_CASE("non-causal with Nq != Nk and batch 3 and GQA 6:2 and Dv != D") {
   // Nq = 1 (a single query) and Nk < chunk.
   const qkv in(1, 1, 5, 2, 1, 8, 8, 201);
   CHECK(against_reference(in.q.view, in.k.view, in.v.view, linear_params{}).rel() < tol_float);
+  // MQA with query rows over three output tasks (1024, 1024 and 52 rows) of one kv head's state.
+  for (feature_map phi : {feature_map::elu_plus_one, feature_map::favor_positive}) {
+    const qkv mqa(1, 2100, 130, 3, 1, 16, 8, 202);
+    const linear_params p = make_params(phi, false, true, nullptr, &proj16);
+    const auto e = against_reference(mqa.q.view, mqa.k.view, mqa.v.view, p);
+    INFO(feature_map_name(phi) << " rel=" << e.rel());
+    CHECK(e.rel() < tol_float);
+  }
 }
 
 TEST_CASE("memory layout does not change a single bit of the output") {

@@ -754,15 +754,14 @@ struct linear_scratch {
   Acc* aq = nullptr;   // rows x (F + rows): [phi(Q) | P]
   Acc* kr = nullptr;   // rows x F: phi(K)
   Acc* kt = nullptr;   // F x rows: phi(K)^T (causal scores)
-  Acc* sv = nullptr;   // (F + rows) x Dvp: [S; V] (non-causal and decode; causal heads keep their own)
+  Acc* sv = nullptr;   // rows x Dvp: a block's values (non-causal key side), v_t (decode)
   Acc* o = nullptr;    // rows x Dvp
   Acc* u = nullptr;    // rows x Fp: FAVOR+ logits and feature rows
   Acc* x = nullptr;    // rows x D: raw rows for FAVOR+
   Acc *z = nullptr, *den = nullptr, *stab = nullptr, *hn = nullptr, *colscale = nullptr;
 
-  linear_scratch(const linear_plan<Acc>& pl, index_t r, bool with_state = true)
-      : rows(r), lda(pl.F + r), Dvp(pl.Dvp) {
-    const index_t sizes[] = {r * lda, pl.F * r, pl.F * r, with_state ? (pl.F + r) * pl.Dvp : 0, r * pl.Dvp, r * pl.Fp,
+  linear_scratch(const linear_plan<Acc>& pl, index_t r) : rows(r), lda(pl.F + r), Dvp(pl.Dvp) {
+    const index_t sizes[] = {r * lda, pl.F * r, pl.F * r, r * pl.Dvp, r * pl.Dvp, r * pl.Fp,
                              r * pl.D, pl.F, r, r, r, pl.Dvp};
     Acc** slots[] = {&aq, &kr, &kt, &sv, &o, &u, &x, &z, &den, &stab, &hn, &colscale};
     index_t total = 0;
@@ -1065,34 +1064,34 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     }
 }
 
-// ---- the non-causal form for one (batch, kv head) and its query heads ---------------------------------
+// ---- the non-causal form ----------------------------------------------------------------------------
+// Two phases: the key side (S = phi(K)^T V, z and FAVOR+'s key maximum M) per (batch, kv head), then
+// the outputs per (batch, query head, block of query rows), so that few kv heads (MQA, GQA with a
+// small batch) still spread over every thread. Each output row is computed the same way whatever
+// the blocks, so results do not depend on them.
 
-template <class Acc, class TQ, class TK, class TV, class TO>
-void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
-                            const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t hk,
-                            index_t group, linear_scratch<Acc>& ws) {
+// Non-causal: query rows per output task. Each task starts on cold rows (its first block is not
+// prefetched): with 256 rows, 4 plain heads at N 8192 / 65536 ran up to 1.1x slower than before the
+// split into phases (Zen 3, 2 threads); with 1024 as fast, and MQA kept its gain.
+inline constexpr index_t linear_query_rows = 16 * linear_block;
+
+// The key side of one (batch, kv head) into S (F x Dvp), z (F) and M.
+template <class Acc, class TK, class TV>
+void noncausal_keys(const linear_plan<Acc>& pl, const head_rows<TK>& kr, const head_rows<TV>& vr, index_t Nk,
+                    Acc* S, Acc* z, Acc& M, linear_scratch<Acc>& ws) {
   constexpr index_t C = linear_block, MR = kernels::gemm_mr;
-  const index_t Nq = q.extent(1), Nk = k.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp, lda = ws.lda;
-  Acc* AQ = ws.aq;
+  const index_t F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp;
   Acc* KR = ws.kr;
-  Acc* S = ws.sv;
-  Acc* V = S + F * Dvp;
-  Acc* O = ws.o;
-  Acc* z = ws.z;
-  Acc* stab = ws.stab;
-  Acc M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
+  Acc* V = ws.sv;
+  M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
   std::fill(S, S + F * Dvp, Acc(0));
   std::fill(z, z + F, Acc(0));
-  const head_rows<TK> kr = rows_of(k, b, hk);
-  const head_rows<TV> vr = rows_of(v, b, hk);
-
-  // Each block prefetches the next block's rows, a few between its GEMM row blocks and output rows
-  // (64 positions x 2 tensors: 8 rows per 4-row block of the state GEMM; 4 per block and 1 per row
-  // of the query side). Prefetching them all at once, before the block, ran 1.15-1.3x slower on the
-  // AVX2 dev VM (elu + 1, D 64, N 8k and 64k, 1 and 2 threads).
+  // Each block prefetches the next block's rows, a few between its GEMM row blocks (64 positions x 2
+  // tensors: 8 rows per 4-row block of the state GEMM). Prefetching them all at once, before the
+  // block, ran 1.15-1.3x slower on the AVX2 dev VM (elu + 1, D 64, N 8k and 64k, 1 and 2 threads).
   for (index_t t0 = 0; t0 < Nk; t0 += C) {
     const index_t L = std::min(C, Nk - t0);
-    chunk_prefetcher<TQ, TK, TV, TO> pfr({}, kr, vr, {}, t0 + C, std::min(C, Nk - t0 - C));
+    chunk_prefetcher<float, TK, TV, float> pfr({}, kr, vr, {}, t0 + C, std::min(C, Nk - t0 - C));
     const Acc r = key_features(pl, kr, t0, L, ws, KR, F, M);
     if (r != Acc(1)) {
       vscale(S, r, F * Dvp);
@@ -1107,24 +1106,31 @@ void linear_noncausal_group(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>
     vadd_rows(z, KR, F, L, F);
     pfr.step(pfr.end);
   }
+}
 
-  for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const head_rows<TQ> qr = rows_of(q, b, h);
-    const head_rows<TO> outr = rows_of(out, b, h);
-    for (index_t t0 = 0; t0 < Nq; t0 += C) {
-      const index_t L = std::min(C, Nq - t0);
-      chunk_prefetcher<TQ, TK, TV, TO> pfr(qr, {}, {}, outr, t0 + C, std::min(C, Nq - t0 - C));
-      query_features(pl, qr, t0, L, ws, AQ, lda, stab);
-      for (index_t r0 = 0; r0 < L; r0 += MR) {
-        pfr.step(4);
-        kernels::gemm_set(std::min(MR, L - r0), Dvp, F, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
-      }
-      for (index_t i = 0; i < L; ++i) {
-        pfr.step(1);
-        finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, outr(t0 + i), outr.inc);
-      }
-      pfr.step(pfr.end);
+// Output rows [q0, q1) of one query head from its kv head's S, z, M. Each block prefetches the next
+// block's q and out rows: 4 per GEMM row block, 1 per output row.
+template <class Acc, class TQ, class TO>
+void noncausal_queries(const linear_plan<Acc>& pl, const head_rows<TQ>& qr, const head_rows<TO>& outr, index_t q0,
+                       index_t q1, const Acc* S, const Acc* z, Acc M, linear_scratch<Acc>& ws) {
+  constexpr index_t C = linear_block, MR = kernels::gemm_mr;
+  const index_t F = pl.F, Dvp = pl.Dvp, lda = ws.lda;
+  Acc* AQ = ws.aq;
+  Acc* O = ws.o;
+  Acc* stab = ws.stab;
+  for (index_t t0 = q0; t0 < q1; t0 += C) {
+    const index_t L = std::min(C, q1 - t0);
+    chunk_prefetcher<TQ, float, float, TO> pfr(qr, {}, {}, outr, t0 + C, std::min(C, q1 - t0 - C));
+    query_features(pl, qr, t0, L, ws, AQ, lda, stab);
+    for (index_t r0 = 0; r0 < L; r0 += MR) {
+      pfr.step(4);
+      kernels::gemm_set(std::min(MR, L - r0), Dvp, F, AQ + r0 * lda, lda, index_t(1), S, Dvp, O + r0 * Dvp, Dvp);
     }
+    for (index_t i = 0; i < L; ++i) {
+      pfr.step(1);
+      finalize_row(pl, O + i * Dvp, vdot(AQ + i * lda, z, F), stab[i] + M, outr(t0 + i), outr.inc);
+    }
+    pfr.step(pfr.end);
   }
 }
 
@@ -1148,7 +1154,7 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
   if (p.causal) {
     const index_t F = pl.F, Dv = pl.Dv, per_task = causal_task_heads(s), groups = ceil_div(s.q_heads, per_task);
     parallel_for(s.batch * groups, 1, [&](index_t t0, index_t t1) {
-      linear_scratch<Acc> ws(pl, linear_chunk, false);
+      linear_scratch<Acc> ws(pl, linear_chunk);
       std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(per_task));  // storage allocated when used
       for (index_t t = t0; t < t1; ++t) {
         const index_t b = t / groups, h0 = (t % groups) * per_task, nh = std::min(per_task, s.q_heads - h0);
@@ -1160,10 +1166,32 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
     });
     if (st) st->position += s.q_len;
   } else {
-    parallel_for(s.batch * s.kv_heads, 1, [&](index_t t0, index_t t1) {
+    // Per (batch, kv head): S (F x Dvp, line-aligned), z (F), M.
+    const index_t F = pl.F, Dvp = pl.Dvp, kv = s.batch * s.kv_heads;
+    const index_t stride = kernels::pad_to_width(F * Dvp) + kernels::pad_to_width(std::max<index_t>(F, 1)) + line_slack;
+    std::vector<Acc> states(static_cast<std::size_t>(kv * stride) + line_slack);
+    std::vector<Acc> key_max(static_cast<std::size_t>(kv));
+    Acc* base = line_aligned(states.data());
+    parallel_for(kv, 1, [&](index_t t0, index_t t1) {
       linear_scratch<Acc> ws(pl, linear_block);
-      for (index_t t = t0; t < t1; ++t)
-        linear_noncausal_group(pl, q, k, v, out, t / s.kv_heads, t % s.kv_heads, s.group(), ws);
+      for (index_t t = t0; t < t1; ++t) {
+        const index_t b = t / s.kv_heads, hk = t % s.kv_heads;
+        Acc* S = base + t * stride;
+        noncausal_keys(pl, rows_of(k, b, hk), rows_of(v, b, hk), s.kv_len, S, S + kernels::pad_to_width(F * Dvp),
+                       key_max[static_cast<std::size_t>(t)], ws);
+      }
+    });
+    const index_t blocks = ceil_div(s.q_len, linear_query_rows);
+    parallel_for(s.batch * s.q_heads * blocks, 1, [&](index_t t0, index_t t1) {
+      linear_scratch<Acc> ws(pl, linear_block);
+      for (index_t t = t0; t < t1; ++t) {
+        const index_t blk = t % blocks, h = t / blocks % s.q_heads, b = t / blocks / s.q_heads;
+        const index_t state = b * s.kv_heads + h / s.group();
+        const Acc* S = base + state * stride;
+        const index_t q0 = blk * linear_query_rows, q1 = std::min(s.q_len, q0 + linear_query_rows);
+        noncausal_queries(pl, rows_of(q, b, h), rows_of(out, b, h), q0, q1, S, S + kernels::pad_to_width(F * Dvp),
+                          key_max[static_cast<std::size_t>(state)], ws);
+      }
     });
   }
 }
