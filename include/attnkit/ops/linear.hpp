@@ -46,10 +46,11 @@
 //   recurrent   linear_attention_step appends one token to a linear_attention_state:
 //               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps),
 //               in one pass over the state.
-// Work is parallel over (batch, group or pair of query heads) (causal), (batch, kv head) (non-causal)
-// or (batch, head) (decode); each head is computed the same way whatever the thread count and whether
-// its state is shared, so results are bitwise identical for any number of threads. Scratch is per
-// task: O(C (F + C) + F Dv) floats per state. Known cost: query heads of one kv head with different
+// Work is parallel over (batch, group or pair of query heads) (causal), (batch, kv head) and then
+// (batch, query head, 1024 query rows) (non-causal), or (batch, head) (decode); each head is computed
+// the same way whatever the thread count and whether its state is shared, so results are bitwise
+// identical for any number of threads. Scratch is per task: O(C (F + C) + F Dv) floats per state,
+// plus F Dv per (batch, kv head) for the non-causal S. Known cost: query heads of one kv head with different
 // decays keep separate states (phi(K) recomputed for each), and decode states are per query head.
 #pragma once
 
