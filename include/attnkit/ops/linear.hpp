@@ -1169,7 +1169,9 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
   } else {
     // Per (batch, kv head): S (F x Dvp, line-aligned), z (F), M.
     const index_t F = pl.F, Dvp = pl.Dvp, kv = s.batch * s.kv_heads;
-    const index_t stride = kernels::pad_to_width(F * Dvp) + kernels::pad_to_width(std::max<index_t>(F, 1)) + line_slack;
+    constexpr index_t line = 64 / index_t(sizeof(Acc));  // elements per cache line
+    const index_t zoff = kernels::pad_to_width(F * Dvp);
+    const index_t stride = ceil_div(zoff + std::max<index_t>(F, 1), line) * line;  // each state starts on a line
     std::vector<Acc> states(static_cast<std::size_t>(kv * stride) + line_slack);
     std::vector<Acc> key_max(static_cast<std::size_t>(kv));
     Acc* base = line_aligned(states.data());
@@ -1178,8 +1180,8 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
       for (index_t t = t0; t < t1; ++t) {
         const index_t b = t / s.kv_heads, hk = t % s.kv_heads;
         Acc* S = base + t * stride;
-        noncausal_keys(pl, rows_of(k, b, hk), rows_of(v, b, hk), s.kv_len, S, S + kernels::pad_to_width(F * Dvp),
-                       key_max[static_cast<std::size_t>(t)], ws);
+        Acc& M = key_max[static_cast<std::size_t>(t)];
+        noncausal_keys(pl, rows_of(k, b, hk), rows_of(v, b, hk), s.kv_len, S, S + zoff, M, ws);
       }
     });
     const index_t blocks = ceil_div(s.q_len, linear_query_rows);
@@ -1190,7 +1192,7 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
         const index_t state = b * s.kv_heads + h / s.group();
         const Acc* S = base + state * stride;
         const index_t q0 = blk * linear_query_rows, q1 = std::min(s.q_len, q0 + linear_query_rows);
-        noncausal_queries(pl, rows_of(q, b, h), rows_of(out, b, h), q0, q1, S, S + kernels::pad_to_width(F * Dvp),
+        noncausal_queries(pl, rows_of(q, b, h), rows_of(out, b, h), q0, q1, S, S + zoff,
                           key_max[static_cast<std::size_t>(state)], ws);
       }
     });
