@@ -92,6 +92,26 @@ static void linear_step(benchmark::State& state) {
   });
 }
 
+// One decode step with grouped heads: 32 sequences x 32 query heads over 8 kv heads, with a state per
+// query head (state_heads 32: 16 MiB at D = 64, 64 MiB at D = 128) or one per kv head (8: a quarter,
+// each read and written once for its 4 query heads). bytes = 2 * B * state_heads * F * Dv * 4, the
+// state traffic of that layout; compare the times.
+static void linear_step_gqa(benchmark::State& state) {
+  const index_t B = 32, Hq = 32, Hkv = 8, D = state.range(0), Hs = state.range(1);
+  const int threads = int(state.range(2));
+  auto q = bench::random_vector<float>(std::size_t(B * Hq * D), 1),
+       k = bench::random_vector<float>(std::size_t(B * Hkv * D), 2), v = bench::random_vector<float>(k.size(), 3);
+  std::vector<float> out(q.size());
+  linear_params p;
+  p.causal = true;
+  linear_attention_state st(B, Hs, D, D);
+  const double flops = linear_flops(B, Hq, 1, D, D), bytes = 2.0 * double(B * Hs * D * D) * sizeof(float);
+  bench::run_timed(state, threads, flops, bytes, [&] {
+    linear_attention_step(st, bshd(q.data(), B, 1, Hq, D), bshd(k.data(), B, 1, Hkv, D), bshd(v.data(), B, 1, Hkv, D),
+                          bshd(out.data(), B, 1, Hq, D), p);
+  });
+}
+
 #define ATTNKIT_LINEAR_ARGS                                                                                  \
   ArgNames({"N", "D", "threads"})                                                                            \
       ->ArgsProduct({{1024, 4096, 8192, 16384, 65536}, {64, 128}, {1, 2}})                                   \
@@ -112,3 +132,8 @@ BENCHMARK(linear_favor_causal)
 BENCHMARK(linear_causal_gqa)->ATTNKIT_LINEAR_GQA_ARGS;
 BENCHMARK(linear_noncausal_gqa)->ATTNKIT_LINEAR_GQA_ARGS;
 BENCHMARK(linear_step)->ArgNames({"D", "threads"})->ArgsProduct({{64, 128}, {1, 2}})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(linear_step_gqa)
+    ->ArgNames({"D", "state_heads", "threads"})
+    ->ArgsProduct({{64, 128}, {32, 8}, {1, 2}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);

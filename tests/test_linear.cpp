@@ -206,6 +206,74 @@ TEST_CASE("causal GQA: query heads sharing a kv head's state give bitwise the ou
         }
 }
 
+TEST_CASE("a state per kv head gives bitwise the outputs and states of a state per query head") {
+  // Prefill in two pieces, then decode steps, once with a state per query head and once with a state
+  // per kv head (which all query heads of a group share): the same bits everywhere, for groups whose
+  // heads stay in one task (1 thread, or B 3) and groups split over tasks (B 1 on 4 threads: the
+  // split reads a copy of the initial states), groups of 4 and 6 (a step serves 4 heads per pass over
+  // the state, then reads it again for the rest), and value widths around the vector width.
+  const index_t N = 80, N1 = 33, N2 = 70, Hkv = 2, D = 13;
+  const std::pair<index_t, index_t> pieces[] = {{0, N1}, {N1, N2}};  // prefill, then steps from N2
+  const favor_projection proj = make_favor_projection(20, D, 5);
+  for (index_t G : {index_t(4), index_t(6)})
+    for (index_t B : {index_t(1), index_t(3)})
+      for (index_t Dv : {index_t(7), index_t(40)})
+        for (feature_map phi : {feature_map::elu_plus_one, feature_map::favor_positive, feature_map::identity})
+          for (bool decayed : {false, true}) {
+            const index_t Hq = G * Hkv;
+            std::vector<float> decay(static_cast<std::size_t>(Hq));
+            for (index_t h = 0; h < Hq; ++h) decay[static_cast<std::size_t>(h)] = 0.97f - 0.05f * float(h / G);
+            const bool normalize = phi != feature_map::identity;
+            const linear_params p = make_params(phi, true, normalize, decayed ? decay.data() : nullptr, &proj);
+            const qkv in(B, N, N, Hq, Hkv, D, Dv, 900, needs_positive(phi, normalize));
+            const index_t F = linear_feature_dim(p, D);
+            INFO("G=" << G << " B=" << B << " Dv=" << Dv << " " << feature_map_name(phi) << " decay=" << decayed);
+            const auto run = [&](index_t state_heads, tensor4<float>& out) {
+              linear_attention_state st(B, state_heads, F, Dv);
+              for (auto [t0, t1] : pieces)
+                linear_attention(in.q.view.slice(1, t0, t1), in.k.view.slice(1, t0, t1), in.v.view.slice(1, t0, t1),
+                                 out.view.slice(1, t0, t1), p, st);
+              for (index_t t = N2; t < N; ++t)
+                linear_attention_step(st, in.q.view.slice(1, t, t + 1), in.k.view.slice(1, t, t + 1),
+                                      in.v.view.slice(1, t, t + 1), out.view.slice(1, t, t + 1), p);
+              CHECK(st.position == N);
+              return st;
+            };
+            tensor4<float> per_query(B, N, Hq, Dv), per_kv(B, N, Hq, Dv);
+            const linear_attention_state sq = run(Hq, per_query);
+            const auto check = [&](const linear_attention_state<float>& sk) {
+              CHECK(std::memcmp(per_kv.buf.data(), per_query.buf.data(), per_kv.buf.size() * sizeof(float)) == 0);
+              // Every query head's state equals its kv head's.
+              bool same = true;
+              for (index_t b = 0; b < B; ++b)
+                for (index_t h = 0; h < Hq; ++h) {
+                  const index_t i = b * Hq + h, j = b * Hkv + h / G;
+                  same = same && std::memcmp(sq.s.data() + i * F * Dv, sk.s.data() + j * F * Dv,
+                                             sizeof(float) * F * Dv) == 0;
+                  same = same && std::memcmp(sq.z.data() + i * F, sk.z.data() + j * F, sizeof(float) * F) == 0;
+                  same = same && std::memcmp(&sq.key_max[static_cast<std::size_t>(i)],
+                                             &sk.key_max[static_cast<std::size_t>(j)], sizeof(float)) == 0;
+                }
+              CHECK(same);
+            };
+#if defined(_OPENMP)
+            const int saved = omp_get_max_threads();
+            for (int threads : {1, 4}) {
+              omp_set_num_threads(threads);
+              std::fill(per_kv.buf.begin(), per_kv.buf.end(), -1.f);
+              check(run(Hkv, per_kv));
+            }
+            omp_set_num_threads(saved);
+#else
+            check(run(Hkv, per_kv));
+#endif
+            // And both agree with the definition.
+            tensor4<float> ref(B, N, Hq, Dv);
+            reference_linear_attention(in.q.view, in.k.view, in.v.view, ref.view, p);
+            CHECK(test::compare(per_kv.view, ref.view).rel() < tol_float);
+          }
+}
+
 TEST_CASE("bf16 and f16 inputs match the reference on the same rounded values and double matches to 1e-12") {
   const index_t B = 1, N = 90, Hq = 2, Hkv = 2, D = 33, Dv = 16;
   const favor_projection proj = make_favor_projection(40, D, 5);
@@ -644,12 +712,19 @@ TEST_CASE("state and step arguments are validated before anything is written") {
   linear_attention_state wrong_b(B + 1, Hq, D, D), wrong_h(B, Hq + 1, D, D), wrong_f(B, Hq, D + 2, D),
       wrong_v(B, Hq, D, D - 1);
   check_state(wrong_b, p, {"state.batch", "2 (as q)", "got 3"});
-  check_state(wrong_h, p, {"state.heads", "got 3"});
+  check_state(wrong_h, p, {"state.heads", "2 (a state per query head) or 1 (a state per kv head)", "got 3"});
   check_state(wrong_f, p, {"state.features", "elu_plus_one", "got 5"});
   check_state(wrong_v, p, {"state.value_dim", "got 2"});
   linear_attention_state broken = good;
   broken.z.pop_back();
   check_state(broken, p, {"state", "storage"});
+  // A state per kv head (Hkv = 1 here) serves query heads of equal decay only.
+  linear_attention_state per_kv(B, Hkv, D, D);
+  const float unequal[Hq] = {0.9f, 0.8f};
+  linear_params pd = p;
+  pd.decay = unequal;
+  check_state(per_kv, pd, {"params.decay[1]", "equal decay", "got 0.8"});
+  CHECK(per_kv.s == std::vector<float>(per_kv.s.size(), 0.f));
   // A step needs one position.
   tensor4<float> out2(B, 2, Hq, D);
   test::require_error(

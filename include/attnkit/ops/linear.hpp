@@ -45,13 +45,13 @@
 //               layout), and prefetches rows two chunks ahead, a few rows between GEMM blocks.
 //   recurrent   linear_attention_step appends one token to a linear_attention_state:
 //               S <- gamma S + phi(k) v^T, z <- gamma z + phi(k), out = phi(q) S / (phi(q) z + eps),
-//               in one pass over the state.
+//               in one pass over the state (which serves up to 4 query heads of a state per kv head).
 // Work is parallel over (batch, group or pair of query heads) (causal), (batch, kv head) and then
-// (batch, query head, 1024 query rows) (non-causal), or (batch, head) (decode); each head is computed
+// (batch, query head, 1024 query rows) (non-causal), or (batch, state head) (decode); each head is computed
 // the same way whatever the thread count and whether its state is shared, so results are bitwise
 // identical for any number of threads. Scratch is per task: O(C (F + C) + F Dv) floats per state,
 // plus F Dv per (batch, kv head) for the non-causal S. Known cost: query heads of one kv head with different
-// decays keep separate states (phi(K) recomputed for each), and decode states are per query head.
+// decays keep separate states (phi(K) recomputed for each, and a state per query head when decoding).
 #pragma once
 
 #include <algorithm>
@@ -193,10 +193,14 @@ favor_projection make_favor_projection(index_t m, index_t d, std::uint64_t seed,
 
 // ---- recurrent state --------------------------------------------------------------------------------
 
-// The causal prefix of a linear-attention problem, per (batch, query head): the (stabilized) state
+// The causal prefix of a linear-attention problem, per (batch, head): the (stabilized) state
 // S = sum_j gamma^(t-1-j) phi(k_j) v_j^T (features x value_dim), the normalizer z = sum_j
 // gamma^(t-1-j) phi(k_j), the FAVOR+ key stabilizer (running key maximum, -inf before the first key)
 // and the number of tokens appended. Acc is the accumulation type (float, or double).
+// heads is either q's query heads (a state per query head) or its kv heads: with grouped heads whose
+// decay is equal within each group (or absent), the query heads of a group have equal states, and a
+// state per kv head holds it once (group x less memory, and a decode step reads and writes it once
+// for the whole group). The outputs are bitwise the same either way.
 // linear_attention(..., state) appends a whole sequence (prefill), linear_attention_step one token.
 // A state serves one feature map and projection; reset() empties it.
 template <class Acc = float>
@@ -331,13 +335,17 @@ linear_shape validate_linear(std::string_view fn, const tensor_view<TQ, 4>& q, c
   return r;
 }
 
+// Returns the query heads per state: 1 (a state per query head), or the GQA group when the state
+// has one per kv head, which needs the decay to be equal within each group.
 template <class Acc>
-void validate_linear_state(std::string_view fn, const linear_attention_state<Acc>& st, const linear_shape& ls,
-                           const linear_params& p) {
+index_t validate_linear_state(std::string_view fn, const linear_attention_state<Acc>& st, const linear_shape& ls,
+                              const linear_params& p) {
   require(p.causal, fn, "params.causal", "true (a state carries a causal prefix)", "false");
   if (st.batch != ls.s.batch) fail(fn, "state.batch", concat(ls.s.batch, " (as q)"), concat(st.batch));
-  if (st.heads != ls.s.q_heads)
-    fail(fn, "state.heads", concat(ls.s.q_heads, " (the query heads of q)"), concat(st.heads));
+  if (st.heads != ls.s.q_heads && st.heads != ls.s.kv_heads)
+    fail(fn, "state.heads",
+         concat(ls.s.q_heads, " (a state per query head) or ", ls.s.kv_heads, " (a state per kv head)"),
+         concat(st.heads));
   if (st.features != ls.features)
     fail(fn, "state.features", concat(ls.features, " (", feature_map_name(p.phi), " features)"),
          concat(st.features));
@@ -349,6 +357,15 @@ void validate_linear_state(std::string_view fn, const linear_attention_state<Acc
   if (!sized)
     fail(fn, "state", "storage sized by its batch, heads, features and value_dim",
          concat("s/z/key_max of ", st.s.size(), "/", st.z.size(), "/", st.key_max.size(), " elements"));
+  const index_t group = st.heads == ls.s.q_heads ? 1 : ls.s.group();
+  if (p.decay)
+    for (index_t h = 0; h < ls.s.q_heads; ++h)
+      if (p.decay[h] != p.decay[h / group * group])
+        fail(fn, concat("params.decay[", h, "]"),
+             concat("the decay of query head ", h / group * group, " (", p.decay[h / group * group],
+                    "): a state per kv head serves query heads of equal decay"),
+             concat(p.decay[h]));
+  return group;
 }
 
 // ---- small vector helpers: SIMD for float, plain loops for double ------------------------------------
@@ -978,28 +995,42 @@ void causal_advance(const linear_plan<Acc>& pl, index_t L, causal_head<Acc>& hs,
   vadd_rows(z, KR, F, L, F);
 }
 
+// The caller's states for linear_causal_heads. State i of batch b serves the query heads
+// [i * group, (i + 1) * group): group 1 is a state per query head, the GQA group one per kv head.
+// Initial states are read from in_*, final ones written to s, z, m by the first query head of each
+// state only. in_* is a copy of the states when one state's heads are split over tasks (each task
+// then computes it, and one of them may finish before another starts).
+template <class Acc>
+struct causal_state_io {
+  const Acc *in_s = nullptr, *in_z = nullptr, *in_m = nullptr;
+  Acc *s = nullptr, *z = nullptr, *m = nullptr;
+  index_t heads = 0, group = 1;  // states per batch, query heads per state
+  index_t index(index_t b, index_t h) const { return b * heads + h / group; }
+};
+
 // Query heads [h0, h0 + nh) of batch b, chunk by chunk and head by head within a chunk: in the
 // common (batch, seq, head, dim) layout the heads of a position are adjacent, so a task that walks
-// several heads together uses every cache line it brings in. st_* (optional) hold the caller's
-// state for these heads, read at the start and written at the end. Consecutive heads of one kv head
-// with equal decay and equal (bitwise) initial state share one state: the keys, values and state
-// update of a chunk are computed once for them, exactly as each head would compute them alone.
+// several heads together uses every cache line it brings in. io (optional) holds the caller's
+// states, read at the start and written at the end. Consecutive heads of one kv head with equal
+// decay and equal (bitwise) initial state share one state: the keys, values and state update of a
+// chunk are computed once for them, exactly as each head would compute them alone.
 template <class Acc, class TQ, class TK, class TV, class TO>
 void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                          const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, index_t b, index_t h0,
                          index_t nh, index_t group, const float* decay, linear_scratch<Acc>& ws,
-                         std::vector<causal_head<Acc>>& heads, Acc* st_s, Acc* st_z, Acc* st_m) {
+                         std::vector<causal_head<Acc>>& heads, const causal_state_io<Acc>* io) {
   constexpr index_t C = linear_chunk;
   const index_t N = q.extent(1), F = pl.F, Dv = pl.Dv, Dvp = pl.Dvp;
   const auto same_state = [&](index_t a, index_t c) {  // heads h0 + a and h0 + c (a < c)
     const index_t ha = h0 + a, hc = h0 + c;
     if (ha / group != hc / group) return false;
     if (decay && std::memcmp(decay + ha, decay + hc, sizeof(float)) != 0) return false;
-    if (!st_s) return true;
+    if (!io) return true;
+    const index_t sa = io->index(b, ha), sc = io->index(b, hc);
     const auto bytes = [](index_t n) { return static_cast<std::size_t>(n) * sizeof(Acc); };
-    return std::memcmp(st_s + a * F * Dv, st_s + c * F * Dv, bytes(F * Dv)) == 0 &&
-           std::memcmp(st_z + a * F, st_z + c * F, bytes(F)) == 0 &&
-           (!pl.favor() || std::memcmp(st_m + a, st_m + c, bytes(1)) == 0);
+    return sa == sc || (std::memcmp(io->in_s + sa * F * Dv, io->in_s + sc * F * Dv, bytes(F * Dv)) == 0 &&
+                        std::memcmp(io->in_z + sa * F, io->in_z + sc * F, bytes(F)) == 0 &&
+                        (!pl.favor() || std::memcmp(io->in_m + sa, io->in_m + sc, bytes(1)) == 0));
   };
   index_t ns = 0;  // states in use
   for (index_t i = 0; i < nh;) {
@@ -1023,12 +1054,13 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     std::fill(hs.s, hs.s + F * Dvp, Acc(0));
     std::fill(hs.z.begin(), hs.z.end(), Acc(0));
     hs.M = pl.favor() ? -std::numeric_limits<Acc>::infinity() : Acc(0);
-    if (st_s) {
+    if (io) {
+      const index_t si = io->index(b, h0 + i);
       for (index_t f = 0; f < F; ++f) {
-        std::copy(st_s + (i * F + f) * Dv, st_s + (i * F + f + 1) * Dv, hs.s + f * Dvp);
-        hs.z[static_cast<std::size_t>(f)] = st_z[i * F + f];
+        std::copy(io->in_s + (si * F + f) * Dv, io->in_s + (si * F + f + 1) * Dv, hs.s + f * Dvp);
+        hs.z[static_cast<std::size_t>(f)] = io->in_z[si * F + f];
       }
-      if (pl.favor()) hs.M = st_m[i];
+      if (pl.favor()) hs.M = io->in_m[si];
     }
     i += n;
   }
@@ -1052,15 +1084,17 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
       pfr.step(pfr.end);
     }
   }
-  if (st_s)
+  if (io)
     for (index_t si = 0; si < ns; ++si) {
       const causal_head<Acc>& hs = heads[static_cast<std::size_t>(si)];
-      for (index_t i = hs.h - h0; i < hs.h - h0 + hs.nq; ++i) {
+      for (index_t h = hs.h; h < hs.h + hs.nq; ++h) {
+        if (h % io->group != 0) continue;  // written by the state's first query head
+        const index_t sj = io->index(b, h);
         for (index_t f = 0; f < F; ++f) {
-          std::copy(hs.s + f * Dvp, hs.s + f * Dvp + Dv, st_s + (i * F + f) * Dv);
-          st_z[i * F + f] = hs.z[static_cast<std::size_t>(f)];
+          std::copy(hs.s + f * Dvp, hs.s + f * Dvp + Dv, io->s + (sj * F + f) * Dv);
+          io->z[sj * F + f] = hs.z[static_cast<std::size_t>(f)];
         }
-        if (pl.favor()) st_m[i] = hs.M;
+        if (pl.favor()) io->m[sj] = hs.M;
       }
     }
 }
@@ -1149,20 +1183,31 @@ inline index_t causal_task_heads(const attention_shape& s) {
 template <class Acc, class TQ, class TK, class TV, class TO>
 void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                 const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const linear_params& p,
-                linear_attention_state<Acc>* st) {
+                linear_attention_state<Acc>* st, index_t state_group) {
   const attention_shape& s = ls.s;
   const linear_plan<Acc> pl = make_linear_plan<Acc>(ls, p);
   if (p.causal) {
-    const index_t F = pl.F, Dv = pl.Dv, per_task = causal_task_heads(s), groups = ceil_div(s.q_heads, per_task);
+    const index_t per_task = causal_task_heads(s), groups = ceil_div(s.q_heads, per_task);
+    causal_state_io<Acc> io;
+    std::vector<Acc> initial;  // the states before the call, when tasks split a state's heads
+    if (st) {
+      io = {st->s.data(), st->z.data(), st->key_max.data(), st->s.data(), st->z.data(), st->key_max.data(),
+            st->heads, state_group};
+      if (per_task < state_group) {
+        initial.reserve(st->s.size() + st->z.size() + st->key_max.size());
+        for (const auto* part : {&st->s, &st->z, &st->key_max})
+          initial.insert(initial.end(), part->begin(), part->end());
+        io.in_s = initial.data();
+        io.in_z = io.in_s + st->s.size();
+        io.in_m = io.in_z + st->z.size();
+      }
+    }
     parallel_for(s.batch * groups, 1, [&](index_t t0, index_t t1) {
       linear_scratch<Acc> ws(pl, linear_chunk);
       std::vector<causal_head<Acc>> heads(static_cast<std::size_t>(per_task));  // storage allocated when used
       for (index_t t = t0; t < t1; ++t) {
         const index_t b = t / groups, h0 = (t % groups) * per_task, nh = std::min(per_task, s.q_heads - h0);
-        const index_t first = b * s.q_heads + h0;  // state index of (b, h0)
-        linear_causal_heads(pl, q, k, v, out, b, h0, nh, s.group(), p.decay, ws, heads,
-                            st ? st->s.data() + first * F * Dv : nullptr, st ? st->z.data() + first * F : nullptr,
-                            st ? st->key_max.data() + first : nullptr);
+        linear_causal_heads(pl, q, k, v, out, b, h0, nh, s.group(), p.decay, ws, heads, st ? &io : nullptr);
       }
     });
     if (st) st->position += s.q_len;
@@ -1201,59 +1246,92 @@ void run_linear(const linear_shape& ls, const tensor_view<TQ, 4>& q, const tenso
 
 // ---- recurrent step ---------------------------------------------------------------------------------------
 
-// One token for one head, in a single pass over the state:
-//   S_f = factor * S_f + kf_f v,  z_f = factor * z_f + kf_f,  num = sum_f qf_f S_f;  returns qf . z.
-// S is F x Dv row-major (the state layout), num has Dv entries.
-template <class Acc>
-inline Acc recurrent_update(Acc* S, Acc* z, const Acc* kf, const Acc* v, const Acc* qf, Acc factor, index_t F,
-                            index_t Dv, Acc* num) {
-  Acc den = 0;
-  for (index_t f = 0; f < F; ++f) {
-    z[f] = factor * z[f] + kf[f];
-    den += qf[f] * z[f];
+// Columns [d, d + U W) of one pass over a state S (F x Dv, row-major, the state layout) for QN query
+// feature rows qf[g]: with Update, first S_f = factor * S_f + kf_f v (the step's new token), then
+// num[g] = sum_f qf[g]_f S_f. An entry of num is computed the same way whatever U, QN and Update, so
+// query heads that share a state get the bits a copy of it would give them.
+template <bool Update, int QN, int U>
+inline void state_columns(float* S, const float* kf, const float* v, float factor, const float* const* qf,
+                          float* const* num, index_t F, index_t Dv, index_t d) {
+  constexpr index_t W = simd::width;
+  simd::vec vv[U], acc[QN][U];
+  for (int u = 0; u < U; ++u) {
+    if constexpr (Update) vv[u] = simd::load(v + d + u * W);
+    for (int g = 0; g < QN; ++g) acc[g][u] = simd::vec(0.f);
   }
+  const simd::vec fac(factor);
+  for (index_t f = 0; f < F; ++f) {
+    float* row = S + f * Dv + d;
+    simd::vec kv, qv[QN];  // broadcast once per row, not per vector
+    if constexpr (Update) kv = simd::vec(kf[f]);
+    for (int g = 0; g < QN; ++g) qv[g] = simd::vec(qf[g][f]);
+    for (int u = 0; u < U; ++u) {
+      simd::vec x = simd::load(row + u * W);
+      if constexpr (Update) {
+        x = simd::fma(kv, vv[u], x * fac);
+        simd::store(row + u * W, x);
+      }
+      for (int g = 0; g < QN; ++g) acc[g][u] = simd::fma(qv[g], x, acc[g][u]);
+    }
+  }
+  for (int u = 0; u < U; ++u)
+    for (int g = 0; g < QN; ++g) simd::store(num[g] + d + u * W, acc[g][u]);
+}
+
+// The whole pass: column blocks of U vectors (QN x U accumulators), then single vectors, then the
+// scalar columns.
+template <bool Update, int QN, class Acc>
+inline void state_pass(Acc* S, const Acc* kf, const Acc* v, Acc factor, const Acc* const* qf, Acc* const* num,
+                       index_t F, index_t Dv) {
   index_t d = 0;
   if constexpr (std::is_same_v<Acc, float>) {
-    constexpr index_t W = simd::width, U = 4;
-    for (; d + U * W <= Dv; d += U * W) {
-      simd::vec vv[U], acc[U];
-      for (index_t u = 0; u < U; ++u) {
-        vv[u] = simd::load(v + d + u * W);
-        acc[u] = simd::vec(0.f);
-      }
-      const simd::vec fac(factor);
-      for (index_t f = 0; f < F; ++f) {
-        float* row = S + f * Dv + d;
-        const simd::vec kv(kf[f]), qv(qf[f]);
-        for (index_t u = 0; u < U; ++u) {
-          const simd::vec x = simd::fma(kv, vv[u], simd::load(row + u * W) * fac);
-          simd::store(row + u * W, x);
-          acc[u] = simd::fma(qv, x, acc[u]);
-        }
-      }
-      for (index_t u = 0; u < U; ++u) simd::store(num + d + u * W, acc[u]);
-    }
-    for (; d + W <= Dv; d += W) {
-      const simd::vec vv = simd::load(v + d), fac(factor);
-      simd::vec acc(0.f);
-      for (index_t f = 0; f < F; ++f) {
-        const simd::vec x = simd::fma(simd::vec(kf[f]), vv, simd::load(S + f * Dv + d) * fac);
-        simd::store(S + f * Dv + d, x);
-        acc = simd::fma(simd::vec(qf[f]), x, acc);
-      }
-      simd::store(num + d, acc);
-    }
+    constexpr int U = QN == 1 ? 4 : 2;
+    constexpr index_t W = simd::width;
+    for (; d + U * W <= Dv; d += U * W) state_columns<Update, QN, U>(S, kf, v, factor, qf, num, F, Dv, d);
+    for (; d + W <= Dv; d += W) state_columns<Update, QN, 1>(S, kf, v, factor, qf, num, F, Dv, d);
   }
   for (; d < Dv; ++d) {
-    Acc acc = 0;
+    Acc acc[QN] = {};
     for (index_t f = 0; f < F; ++f) {
       Acc& x = S[f * Dv + d];
-      x = factor * x + kf[f] * v[d];
-      acc += qf[f] * x;
+      if constexpr (Update) x = factor * x + kf[f] * v[d];
+      for (int g = 0; g < QN; ++g) acc[g] += qf[g][f] * x;
     }
-    num[d] = acc;
+    for (int g = 0; g < QN; ++g) num[g][d] = acc[g];
   }
-  return den;
+}
+
+// One token for the G query heads of one state: S_f = factor * S_f + kf_f v, z = factor * z + kf,
+// num[g] = qf[g] S, den[g] = qf[g] . z. One pass over S updates it and serves up to 4 heads (the
+// next ones read S again, now in cache). G >= 1; qf: G rows with stride ldq; num: G rows with stride
+// ldn.
+template <class Acc>
+inline void recurrent_update(Acc* S, Acc* z, const Acc* kf, const Acc* v, Acc factor, index_t F, index_t Dv,
+                             const Acc* qf, index_t ldq, index_t G, Acc* num, index_t ldn, Acc* den) {
+  for (index_t f = 0; f < F; ++f) z[f] = factor * z[f] + kf[f];
+  for (index_t g = 0; g < G; ++g) den[g] = vdot(qf + g * ldq, z, F);
+  constexpr index_t pack = 4;
+  for (index_t g0 = 0; g0 < G; g0 += pack) {
+    const index_t n = std::min(pack, G - g0);
+    const Acc* qp[pack] = {};
+    Acc* np[pack] = {};
+    for (index_t g = 0; g < n; ++g) {
+      qp[g] = qf + (g0 + g) * ldq;
+      np[g] = num + (g0 + g) * ldn;
+    }
+    const auto pass = [&]<int QN>() {
+      if (g0 == 0)
+        state_pass<true, QN>(S, kf, v, factor, qp, np, F, Dv);
+      else
+        state_pass<false, QN>(S, kf, v, factor, qp, np, F, Dv);
+    };
+    switch (n) {
+      case 1: pass.template operator()<1>(); break;
+      case 2: pass.template operator()<2>(); break;
+      case 3: pass.template operator()<3>(); break;
+      default: pass.template operator()<4>(); break;
+    }
+  }
 }
 
 // ---- reference helpers ----------------------------------------------------------------------------------
@@ -1355,7 +1433,7 @@ void linear_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV
   detail::check_linear_element_types<TQ, TK, TV, TO>();
   const detail::linear_shape ls = detail::validate_linear("linear_attention", q, k, v, out, p);
   using Acc = detail::linear_accum_t<TQ, TK, TV>;
-  detail::run_linear<Acc>(ls, q, k, v, out, p, static_cast<linear_attention_state<Acc>*>(nullptr));
+  detail::run_linear<Acc>(ls, q, k, v, out, p, static_cast<linear_attention_state<Acc>*>(nullptr), 1);
 }
 
 // Causal linear attention continuing from `state` (positions state.position, ...): the output of the
@@ -1366,8 +1444,8 @@ void linear_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV
                       const linear_params& p, linear_attention_state<Acc>& state) {
   detail::check_linear_element_types<TQ, TK, TV, TO>();
   const detail::linear_shape ls = detail::validate_linear("linear_attention", q, k, v, out, p);
-  detail::validate_linear_state("linear_attention", state, ls, p);
-  detail::run_linear<Acc>(ls, q, k, v, out, p, &state);
+  const index_t state_group = detail::validate_linear_state("linear_attention", state, ls, p);
+  detail::run_linear<Acc>(ls, q, k, v, out, p, &state, state_group);
 }
 
 // Appends one token per (batch, head) to `state` and writes its output: q_t, k_t, v_t and out_t are
@@ -1380,31 +1458,34 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
   detail::check_linear_element_types<TQ, TK, TV, TO>();
   const detail::linear_shape ls = detail::validate_linear(fn, q_t, k_t, v_t, out_t, p);
   detail::require(q_t.extent(1) == 1, fn, "q_t", "sequence length 1 (one token per step)", q_t.extent(1));
-  detail::validate_linear_state(fn, state, ls, p);
+  const index_t G = detail::validate_linear_state(fn, state, ls, p);  // query heads per state
   const attention_shape& s = ls.s;
   const detail::linear_plan<Acc> pl = detail::make_linear_plan<Acc>(ls, p);
-  const index_t F = pl.F, Dv = pl.Dv, H = s.q_heads;
-  // A step is about F * Dv multiply-adds per head: hand out heads in chunks of ~256K of them, so a
+  const index_t F = pl.F, Dv = pl.Dv, Hs = state.heads;
+  // A step is about F * Dv multiply-adds per state: hand out states in chunks of ~256K of them, so a
   // small batch runs serially instead of paying a parallel region per token.
   const index_t grain = std::max<index_t>(1, (index_t(1) << 18) / std::max<index_t>(1, F * Dv));
-  parallel_for(s.batch * H, grain, [&](index_t t0, index_t t1) {
-    detail::linear_scratch<Acc> ws(pl, 1);
-    Acc* qf = ws.aq;  // 1 x (F + 1)
+  parallel_for(s.batch * Hs, grain, [&](index_t t0, index_t t1) {
+    detail::linear_scratch<Acc> ws(pl, G);
+    Acc* qf = ws.aq;  // G x (F + G)
     Acc* kf = ws.kr;  // F
     Acc* vb = ws.sv;  // Dv
-    Acc* num = ws.o;  // Dv
+    Acc* num = ws.o;  // G x Dvp
     for (index_t t = t0; t < t1; ++t) {
-      const index_t b = t / H, h = t % H, hk = h / s.group();
+      const index_t b = t / Hs, h0 = t % Hs * G, hk = h0 / s.group();
       Acc* S = state.s.data() + t * F * Dv;
       Acc* z = state.z.data() + t * F;
       Acc M = pl.favor() ? state.key_max[static_cast<std::size_t>(t)] : Acc(0);
       const Acc r = detail::key_features(pl, detail::rows_of(k_t, b, hk), 0, 1, ws, kf, F, M);
-      const Acc factor = r * (p.decay ? static_cast<Acc>(p.decay[h]) : Acc(1));
+      const Acc factor = r * (p.decay ? static_cast<Acc>(p.decay[h0]) : Acc(1));
       if (Dv > 0) detail::load_row(vb, detail::rows_of(v_t, b, hk)(0), v_t.stride(3), Dv);
       if (pl.favor()) state.key_max[static_cast<std::size_t>(t)] = M;
-      detail::query_features(pl, detail::rows_of(q_t, b, h), 0, 1, ws, qf, F + 1, ws.stab);
-      const Acc den = detail::recurrent_update(S, z, kf, vb, qf, factor, F, Dv, num);
-      detail::finalize_row(pl, num, den, ws.stab[0] + M, detail::rows_of(out_t, b, h)(0), out_t.stride(3));
+      for (index_t g = 0; g < G; ++g)
+        detail::query_features(pl, detail::rows_of(q_t, b, h0 + g), 0, 1, ws, qf + g * ws.lda, ws.lda, ws.stab + g);
+      detail::recurrent_update(S, z, kf, vb, factor, F, Dv, qf, ws.lda, G, num, pl.Dvp, ws.den);
+      for (index_t g = 0; g < G; ++g)
+        detail::finalize_row(pl, num + g * pl.Dvp, ws.den[g], ws.stab[g] + M, detail::rows_of(out_t, b, h0 + g)(0),
+                             out_t.stride(3));
     }
   });
   state.position += 1;
