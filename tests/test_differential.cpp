@@ -183,13 +183,16 @@ struct linear_problem {
   float scale = 0.f, eps = 1e-6f;
   std::vector<float> decay;
   layout lay = layout::bshd;
+  index_t split = -1;          // >= 0: causal, in two calls [0, split) and [split, Nq) through a state
+  bool state_per_kv = false;   // that state has one head per kv head (else per query head)
   std::uint64_t seed = 0;
 
   std::string describe() const {
     return detail::concat("B=", B, " Nq=", Nq, " Nk=", Nk, " Hq=", Hq, " Hkv=", Hkv, " D=", D, " Dv=", Dv,
                           " phi=", feature_map_name(phi), " m=", m, " orthogonal=", orthogonal, " scale=", scale,
                           " causal=", causal, " normalize=", normalize, " decay=", !decay.empty(), " eps=", eps,
-                          " layout=", test::layout_name(lay), " seed=", seed);
+                          " layout=", test::layout_name(lay), " split=", split, " state_per_kv=", state_per_kv,
+                          " seed=", seed);
   }
 };
 
@@ -218,6 +221,13 @@ linear_problem random_linear(std::uint64_t seed) {
     if (d.chance(0.3)) lp.scale = float(d.range(1, 10)) / 20.f;
   }
   lp.lay = d.pick({layout::bshd, layout::bhsd, layout::padded, layout::strided});
+  if (lp.causal && d.chance(0.4)) {
+    lp.split = d.range(0, lp.Nq);
+    lp.state_per_kv = lp.Hkv > 0 && d.chance(0.5);
+    if (lp.state_per_kv)  // a state per kv head needs one decay per group
+      for (index_t h = 0; h < index_t(lp.decay.size()); ++h)
+        lp.decay[std::size_t(h)] = lp.decay[std::size_t(h / (lp.Hq / lp.Hkv) * (lp.Hq / lp.Hkv))];
+  }
   return lp;
 }
 
@@ -231,7 +241,16 @@ test::error_stats run_linear(const linear_problem& lp) {
   p.scale = lp.scale;
   const test::qkv<T> in(lp.B, lp.Nq, lp.Nk, lp.Hq, lp.Hkv, lp.D, lp.Dv, lp.seed, test::needs_positive(lp.phi, lp.normalize),
                         lp.lay);
-  return test::against_reference<O>(in.q.view, in.k.view, in.v.view, p, lp.lay);
+  if (lp.split < 0) return test::against_reference<O>(in.q.view, in.k.view, in.v.view, p, lp.lay);
+  test::tensor4<O> out(lp.B, lp.Nq, lp.Hq, lp.Dv, lp.lay);
+  test::tensor4<double> ref(lp.B, lp.Nq, lp.Hq, lp.Dv);
+  linear_attention_state<std::conditional_t<std::is_same_v<T, double>, double, float>> st(
+      lp.B, lp.state_per_kv ? lp.Hkv : lp.Hq, linear_feature_dim(p, lp.D), lp.Dv);
+  for (auto [t0, t1] : {std::pair<index_t, index_t>{0, lp.split}, {lp.split, lp.Nq}})
+    linear_attention(in.q.view.slice(1, t0, t1), in.k.view.slice(1, t0, t1), in.v.view.slice(1, t0, t1),
+                     out.view.slice(1, t0, t1), p, st);
+  reference_linear_attention(in.q.view, in.k.view, in.v.view, ref.view, p);
+  return test::compare(out.view, ref.view);
 }
 
 outcome linear_outcome(dtype t, const attn_case& c) {

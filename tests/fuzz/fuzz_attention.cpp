@@ -1,10 +1,11 @@
 // libFuzzer target: decodes shapes, strides, element types, parameters (valid or not) and values
 // from the input bytes and calls the public entry points (softmax: reference, flash, merge, sparse,
-// block-sparse, XAttention selection; linear; circular). Invalid input must end in attnkit::error;
+// block-sparse, XAttention selection; linear with and without a state, and decode steps; circular). Invalid input must end in attnkit::error;
 // anything else (a crash, a sanitizer report, another exception, a hang) is a bug.
 //   build: cmake -DCMAKE_CXX_COMPILER=clang++ -DATTNKIT_BUILD_FUZZ=ON ...; run: fuzz_attention -max_total_time=300 CORPUS
 #include <attnkit/attnkit.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -145,6 +146,17 @@ void run_softmax(reader& r, int op) {
         lp.projection = attnkit::matrix(static_cast<const float*>(proj.data()), m, d);
       }
       attnkit::linear_attention(q.view, k.view, v.view, out.view, lp);
+      if (lp.causal && r.below(2)) {
+        // Through a state (per query head, per kv head, or of a wrong shape), then one step.
+        if (lp.decay && Hkv > 0 && r.below(2))
+          for (index_t h = 0; h < Hq; ++h) decay[std::size_t(h)] = decay[std::size_t(h / (Hq / Hkv) * (Hq / Hkv))];
+        const index_t heads = r.below(4) == 0 ? r.below(5) : r.below(2) ? Hkv : Hq;
+        attnkit::linear_attention_state<float> st(B + (r.below(8) == 0), heads,
+                                                  attnkit::linear_feature_dim(lp, D) + (r.below(8) == 0), Dv);
+        attnkit::linear_attention(q.view, k.view, v.view, out.view, lp, st);
+        const auto first = [](auto& t) { return t.view.slice(1, 0, std::min<index_t>(1, t.view.extent(1))); };
+        attnkit::linear_attention_step(st, first(q), first(k), first(v), first(out), lp);
+      }
     }
     if (op == 7) {
       fuzz_tensor<T, 3> logits(r, {B, Hkv + (r.below(8) == 0), Nk}, true);

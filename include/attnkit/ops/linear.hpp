@@ -1027,10 +1027,12 @@ void linear_causal_heads(const linear_plan<Acc>& pl, const tensor_view<TQ, 4>& q
     if (decay && std::memcmp(decay + ha, decay + hc, sizeof(float)) != 0) return false;
     if (!io) return true;
     const index_t sa = io->index(b, ha), sc = io->index(b, hc);
-    const auto bytes = [](index_t n) { return static_cast<std::size_t>(n) * sizeof(Acc); };
-    return sa == sc || (std::memcmp(io->in_s + sa * F * Dv, io->in_s + sc * F * Dv, bytes(F * Dv)) == 0 &&
-                        std::memcmp(io->in_z + sa * F, io->in_z + sc * F, bytes(F)) == 0 &&
-                        (!pl.favor() || std::memcmp(io->in_m + sa, io->in_m + sc, bytes(1)) == 0));
+    const auto equal = [](const Acc* x, const Acc* y, index_t n) {  // (an empty state has no storage)
+      return n == 0 || std::memcmp(x, y, static_cast<std::size_t>(n) * sizeof(Acc)) == 0;
+    };
+    return sa == sc || (equal(io->in_s + sa * F * Dv, io->in_s + sc * F * Dv, F * Dv) &&
+                        equal(io->in_z + sa * F, io->in_z + sc * F, F) &&
+                        (!pl.favor() || equal(io->in_m + sa, io->in_m + sc, 1)));
   };
   index_t ns = 0;  // states in use
   for (index_t i = 0; i < nh;) {
