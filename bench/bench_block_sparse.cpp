@@ -20,7 +20,7 @@ index_t heads_for(index_t N) { return N >= 32768 ? 4 : 8; }
 
 struct problem {
   index_t N, H;
-  std::vector<float> q, k, v, out;
+  bench::buffer<float> q, k, v, out;
   problem(index_t n, index_t h) : N(n), H(h) {
     const auto sz = std::size_t(N * H * D);
     q = bench::random_vector<float>(sz, 1);
@@ -28,7 +28,7 @@ struct problem {
     v = bench::random_vector<float>(sz, 3);
     out.assign(sz, 0.f);
   }
-  tensor_view<const float, 4> view(const std::vector<float>& x) const { return bshd(x.data(), 1, N, H, D); }
+  tensor_view<const float, 4> view(const bench::buffer<float>& x) const { return bshd(x.data(), 1, N, H, D); }
 };
 
 // Random mask with exactly max(1, round(density * nkb)) key blocks per (head, query block).

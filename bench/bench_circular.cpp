@@ -30,7 +30,7 @@ namespace {
 constexpr index_t kB = 1, kH = 8;
 
 // Cheap deterministic fill in [-1, 1) (the large problems hold billions of bytes).
-void fill(std::vector<float>& x, std::uint64_t seed) {
+void fill(bench::buffer<float>& x, std::uint64_t seed) {
   std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
   for (auto& e : x) {
     s = s * 6364136223846793005ull + 1442695040888963407ull;
@@ -41,7 +41,7 @@ void fill(std::vector<float>& x, std::uint64_t seed) {
 // The most recent problem, kept while consecutive benchmarks (thread counts, repetitions) share it.
 struct problem {
   index_t N = 0, D = 0;
-  std::vector<float> logits, v, out;
+  bench::buffer<float> logits, v, out;
 };
 
 problem& get_problem(index_t N, index_t D) {
@@ -108,9 +108,9 @@ double rfft_flops(index_t N, index_t D) { return double(D) * 2.5 * double(N) * s
 
 static void fft_rfft(benchmark::State& state) {
   const index_t N = state.range(0), D = state.range(1);
-  std::vector<float> x(static_cast<std::size_t>(N * D));
+  bench::buffer<float> x(static_cast<std::size_t>(N * D));
   fill(x, 3);
-  std::vector<std::complex<float>> X(static_cast<std::size_t>((N / 2 + 1) * D));
+  bench::buffer<std::complex<float>> X(static_cast<std::size_t>((N / 2 + 1) * D));
   const auto plan = kernels::get_fft_plan(N);
   bench::run_timed(state, 1, rfft_flops(N, D), 0, [&] { kernels::rfft(*plan, x.data(), D, D, X.data(), D); });
 }
@@ -131,7 +131,7 @@ void run_fftw(benchmark::State& state, bool contiguous) {
   const int D_ = static_cast<int>(D), half = n / 2 + 1;
   fftwf_plan plan = contiguous ? fftwf_plan_many_dft_r2c(1, &n, D_, in, nullptr, 1, n, out, nullptr, 1, half, FFTW_MEASURE)
                                : fftwf_plan_many_dft_r2c(1, &n, D_, in, nullptr, D_, 1, out, nullptr, D_, 1, FFTW_MEASURE);
-  std::vector<float> x(static_cast<std::size_t>(N * D));
+  bench::buffer<float> x(static_cast<std::size_t>(N * D));
   fill(x, 3);
   std::copy(x.begin(), x.end(), in);
   bench::run_timed(state, 1, rfft_flops(N, D), 0, [&] { fftwf_execute(plan); });

@@ -13,8 +13,8 @@ namespace {
 template <class T>
 struct prefill_problem {
   index_t B = 1, H = 8, N, D;
-  std::vector<T> q, k, v;
-  std::vector<float> out;
+  bench::buffer<T> q, k, v;
+  bench::buffer<float> out;
   prefill_problem(index_t n, index_t d) : N(n), D(d) {
     const auto sz = std::size_t(B * N * H * D);
     q = bench::random_vector<T>(sz, 1);
@@ -58,7 +58,7 @@ void decode_step(benchmark::State& state, index_t Nq) {
   auto q = bench::random_vector<float>(std::size_t(Nq * Hq * D), 1);
   auto k = bench::random_vector<TKV>(std::size_t(Nk * Hkv * D), 2);
   auto v = bench::random_vector<TKV>(std::size_t(Nk * Hkv * D), 3);
-  std::vector<float> out(std::size_t(Nq * Hq * D));
+  bench::buffer<float> out(std::size_t(Nq * Hq * D));
   const double bytes = 2.0 * double(Nk * Hkv * D) * sizeof(TKV);
   bench::run_timed(state, threads, bench::attention_flops(1, Hq, Nq, Nk, D, false), bytes, [&] {
     flash_attention(bshd(q.data(), 1, Nq, Hq, D), bshd(k.data(), 1, Nk, Hkv, D), bshd(v.data(), 1, Nk, Hkv, D),

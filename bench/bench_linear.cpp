@@ -18,7 +18,7 @@ namespace {
 
 struct problem {
   index_t B = 1, N, H, Hkv, D;
-  std::vector<float> q, k, v, out;
+  bench::buffer<float> q, k, v, out;
   problem(index_t n, index_t d, index_t heads = 4, index_t kv_heads = 4) : N(n), H(heads), Hkv(kv_heads), D(d) {
     const auto sz = std::size_t(B * N * H * D), kv = std::size_t(B * N * Hkv * D);
     q = bench::random_vector<float>(sz, 1);
@@ -81,7 +81,7 @@ static void linear_step(benchmark::State& state) {
   const int threads = int(state.range(1));
   auto q = bench::random_vector<float>(std::size_t(B * H * D), 1), k = bench::random_vector<float>(q.size(), 2),
        v = bench::random_vector<float>(q.size(), 3);
-  std::vector<float> out(q.size());
+  bench::buffer<float> out(q.size());
   linear_params p;
   p.causal = true;
   linear_attention_state st(B, H, D, D);
@@ -101,7 +101,7 @@ static void linear_step_gqa(benchmark::State& state) {
   const int threads = int(state.range(2));
   auto q = bench::random_vector<float>(std::size_t(B * Hq * D), 1),
        k = bench::random_vector<float>(std::size_t(B * Hkv * D), 2), v = bench::random_vector<float>(k.size(), 3);
-  std::vector<float> out(q.size());
+  bench::buffer<float> out(q.size());
   linear_params p;
   p.causal = true;
   linear_attention_state st(B, Hs, D, D);

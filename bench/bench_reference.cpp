@@ -8,7 +8,7 @@ using namespace attnkit;
 namespace {
 struct problem {
   index_t B = 1, N, H = 4, D;
-  std::vector<float> q, k, v, out;
+  bench::buffer<float> q, k, v, out;
   problem(index_t n, index_t d) : N(n), D(d) {
     const auto sz = std::size_t(B * N * H * D);
     q = bench::random_vector<float>(sz, 1);

@@ -20,7 +20,7 @@ constexpr index_t B = 1, H = 8, D = 128;
 
 struct problem {
   index_t N;
-  std::vector<float> q, k, v, out;
+  bench::buffer<float> q, k, v, out;
   explicit problem(index_t n) : N(n) {
     const auto sz = std::size_t(B * N * H * D);
     q = bench::random_vector<float>(sz, 1);
@@ -28,7 +28,7 @@ struct problem {
     v = bench::random_vector<float>(sz, 3);
     out.assign(sz, 0.f);
   }
-  tensor_view<const float, 4> view(const std::vector<float>& x) const { return bshd(x.data(), B, N, H, D); }
+  tensor_view<const float, 4> view(const bench::buffer<float>& x) const { return bshd(x.data(), B, N, H, D); }
   tensor_view<float, 4> out_view() { return bshd(out.data(), B, N, H, D); }
 };
 

@@ -7,12 +7,29 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <new>
 #include <random>
 #include <vector>
 
 #include <attnkit/attnkit.hpp>
 
 namespace attnkit::bench {
+
+// Bench tensors start on a cache line, as callers' tensors usually do (PyTorch's, ggml's and most
+// allocators' large blocks are aligned to 64 bytes or more). std::vector's large blocks start 16
+// bytes into a page, so with AVX-512 every vector load of a row would straddle two lines.
+template <class T>
+struct line_allocator {
+  using value_type = T;
+  line_allocator() = default;
+  template <class U>
+  line_allocator(const line_allocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  friend bool operator==(const line_allocator&, const line_allocator&) { return true; }
+};
+template <class T>
+using buffer = std::vector<T, line_allocator<T>>;
 
 inline void set_threads(int threads) {
 #if defined(_OPENMP)
@@ -74,7 +91,7 @@ inline double read_bandwidth_gbs(int threads) {
   static std::map<int, double> cache;
   if (auto it = cache.find(threads); it != cache.end()) return it->second;
   const std::size_t n = (std::size_t(512) << 20) / sizeof(float);
-  std::vector<float> buf(n, 1.f);
+  buffer<float> buf(n, 1.f);
   volatile float sink = 0;
   const double sec = detail::best_seconds(5, [&] {
     float total = 0;
@@ -137,10 +154,10 @@ inline double attention_flops(index_t B, index_t H, index_t Nq, index_t Nk, inde
 }
 
 template <class T>
-std::vector<T> random_vector(std::size_t n, std::uint64_t seed, float amplitude = 1.f) {
+buffer<T> random_vector(std::size_t n, std::uint64_t seed, float amplitude = 1.f) {
   std::mt19937_64 g(seed);
   std::uniform_real_distribution<float> u(-amplitude, amplitude);
-  std::vector<T> r(n);
+  buffer<T> r(n);
   for (auto& x : r) x = T(u(g));
   return r;
 }
