@@ -74,31 +74,12 @@ static void run_gqa_bench(benchmark::State& state, bool causal) {
 static void linear_causal_gqa(benchmark::State& state) { run_gqa_bench(state, true); }
 static void linear_noncausal_gqa(benchmark::State& state) { run_gqa_bench(state, false); }
 
-// One recurrent decode step for a batch of 32 sequences x 8 heads, state 4 MiB (D = 64) or 16 MiB
-// (D = 128), read and written once per step: bytes = 2 * B * H * F * Dv * 4.
-static void linear_step(benchmark::State& state) {
-  const index_t B = 32, H = 8, D = state.range(0);
-  const int threads = int(state.range(1));
-  auto q = bench::random_vector<float>(std::size_t(B * H * D), 1), k = bench::random_vector<float>(q.size(), 2),
-       v = bench::random_vector<float>(q.size(), 3);
-  bench::buffer<float> out(q.size());
-  linear_params p;
-  p.causal = true;
-  linear_attention_state st(B, H, D, D);
-  const double flops = linear_flops(B, H, 1, D, D), bytes = 2.0 * double(B * H * D * D) * sizeof(float);
-  bench::run_timed(state, threads, flops, bytes, [&] {
-    linear_attention_step(st, bshd(q.data(), B, 1, H, D), bshd(k.data(), B, 1, H, D), bshd(v.data(), B, 1, H, D),
-                          bshd(out.data(), B, 1, H, D), p);
-  });
-}
+namespace {
 
-// One decode step with grouped heads: 32 sequences x 32 query heads over 8 kv heads, with a state per
-// query head (state_heads 32: 16 MiB at D = 64, 64 MiB at D = 128) or one per kv head (8: a quarter,
-// each read and written once for its 4 query heads). bytes = 2 * B * state_heads * F * Dv * 4, the
-// state traffic of that layout; compare the times.
-static void linear_step_gqa(benchmark::State& state) {
-  const index_t B = 32, Hq = 32, Hkv = 8, D = state.range(0), Hs = state.range(1);
-  const int threads = int(state.range(2));
+// One recurrent decode step for B sequences of Hq query heads over Hkv kv heads, with Hs states per
+// sequence (Hq: one per query head, Hkv: one per kv head), each read and written once per step:
+// bytes = 2 * B * Hs * F * Dv * 4, the state traffic of that layout.
+void run_step_bench(benchmark::State& state, index_t B, index_t Hq, index_t Hkv, index_t Hs, index_t D, int threads) {
   auto q = bench::random_vector<float>(std::size_t(B * Hq * D), 1),
        k = bench::random_vector<float>(std::size_t(B * Hkv * D), 2), v = bench::random_vector<float>(k.size(), 3);
   bench::buffer<float> out(q.size());
@@ -110,6 +91,20 @@ static void linear_step_gqa(benchmark::State& state) {
     linear_attention_step(st, bshd(q.data(), B, 1, Hq, D), bshd(k.data(), B, 1, Hkv, D), bshd(v.data(), B, 1, Hkv, D),
                           bshd(out.data(), B, 1, Hq, D), p);
   });
+}
+
+}  // namespace
+
+// 32 sequences x 8 heads: states of 4 MiB (D = 64) or 16 MiB (D = 128).
+static void linear_step(benchmark::State& state) {
+  run_step_bench(state, 32, 8, 8, 8, state.range(0), int(state.range(1)));
+}
+
+// Grouped heads: 32 sequences x 32 query heads over 8 kv heads, with a state per query head
+// (state_heads 32: 16 MiB at D = 64, 64 MiB at D = 128) or one per kv head (8: a quarter, each read
+// and written once for its 4 query heads); compare the times.
+static void linear_step_gqa(benchmark::State& state) {
+  run_step_bench(state, 32, 32, 8, state.range(1), state.range(0), int(state.range(2)));
 }
 
 #define ATTNKIT_LINEAR_ARGS                                                                                  \
