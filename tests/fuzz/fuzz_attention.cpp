@@ -1,7 +1,8 @@
 // libFuzzer target: decodes shapes, strides, element types, parameters (valid or not) and values
 // from the input bytes and calls the public entry points (softmax: reference, flash, merge, sparse,
-// block-sparse, XAttention selection; linear with and without a state, and decode steps; circular). Invalid input must end in attnkit::error;
-// anything else (a crash, a sanitizer report, another exception, a hang) is a bug.
+// block-sparse, XAttention selection; linear with and without a state, and decode steps; circular).
+// Invalid input must end in attnkit::error; anything else (a crash, a sanitizer report, another
+// exception, a hang) is a bug.
 //   build: cmake -DCMAKE_CXX_COMPILER=clang++ -DATTNKIT_BUILD_FUZZ=ON ...; run: fuzz_attention -max_total_time=300 CORPUS
 #include <attnkit/attnkit.hpp>
 
