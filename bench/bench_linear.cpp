@@ -100,11 +100,12 @@ static void linear_step(benchmark::State& state) {
   run_step_bench(state, 32, 8, 8, 8, state.range(0), int(state.range(1)));
 }
 
-// Grouped heads: 32 sequences x 32 query heads over 8 kv heads, with a state per query head
-// (state_heads 32: 16 MiB at D = 64, 64 MiB at D = 128) or one per kv head (8: a quarter, each read
-// and written once for its 4 query heads); compare the times.
+// Grouped heads: B sequences (1: single-stream decoding, 32: a serving batch) x 32 query heads over
+// 8 kv heads, with a state per query head (state_heads 32: 16 MiB at D = 64, 64 MiB at D = 128 for B
+// = 32) or one per kv head (8: a quarter, each read and written once for its 4 query heads); compare
+// the times.
 static void linear_step_gqa(benchmark::State& state) {
-  run_step_bench(state, 32, 32, 8, state.range(1), state.range(0), int(state.range(2)));
+  run_step_bench(state, state.range(0), 32, 8, state.range(2), state.range(1), int(state.range(3)));
 }
 
 #define ATTNKIT_LINEAR_ARGS                                                                                  \
@@ -128,7 +129,7 @@ BENCHMARK(linear_causal_gqa)->ATTNKIT_LINEAR_GQA_ARGS;
 BENCHMARK(linear_noncausal_gqa)->ATTNKIT_LINEAR_GQA_ARGS;
 BENCHMARK(linear_step)->ArgNames({"D", "threads"})->ArgsProduct({{64, 128}, {1, 2}})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(linear_step_gqa)
-    ->ArgNames({"D", "state_heads", "threads"})
-    ->ArgsProduct({{64, 128}, {32, 8}, {1, 2}})
+    ->ArgNames({"B", "D", "state_heads", "threads"})
+    ->ArgsProduct({{1, 32}, {64, 128}, {32, 8}, {1, 2}})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
