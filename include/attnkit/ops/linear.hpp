@@ -1464,8 +1464,10 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
   const attention_shape& s = ls.s;
   const detail::linear_plan<Acc> pl = detail::make_linear_plan<Acc>(ls, p);
   const index_t F = pl.F, Dv = pl.Dv, Hs = state.heads;
-  // A step is about F * Dv multiply-adds per state: hand out states in chunks of ~256K of them, so a
-  // small batch runs serially instead of paying a parallel region per token.
+  // A step costs about (G + 1) F Dv multiply-adds per state: hand out states in chunks of 2^18 / (F Dv),
+  // so a small batch runs serially instead of paying a parallel region per token. (Counting G too, or
+  // keeping each state on one thread from step to step, was measured and not kept: mixed, within the
+  // noise.)
   const index_t grain = std::max<index_t>(1, (index_t(1) << 18) / std::max<index_t>(1, F * Dv));
   parallel_for(s.batch * Hs, grain, [&](index_t t0, index_t t1) {
     detail::linear_scratch<Acc> ws(pl, G);
