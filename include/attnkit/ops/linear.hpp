@@ -1464,12 +1464,15 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
   const attention_shape& s = ls.s;
   const detail::linear_plan<Acc> pl = detail::make_linear_plan<Acc>(ls, p);
   const index_t F = pl.F, Dv = pl.Dv, Hs = state.heads;
-  // A step costs about (G + 1) F Dv multiply-adds per state: hand out states in chunks of 2^18 / (F Dv),
-  // so a small batch runs serially instead of paying a parallel region per token. (Counting G too, or
-  // keeping each state on one thread from step to step, was measured and not kept: mixed, within the
-  // noise.)
-  const index_t grain = std::max<index_t>(1, (index_t(1) << 18) / std::max<index_t>(1, F * Dv));
-  parallel_for(s.batch * Hs, grain, [&](index_t t0, index_t t1) {
+  // A step costs about (G + 1) F Dv multiply-adds per state. Chunks of at least ~256K of them, so that
+  // a small batch runs serially instead of paying a parallel region per token, as many as the
+  // threads (or a multiple) so that none idles. A state's arithmetic does not depend on the chunks.
+  const index_t n = s.batch * Hs, threads = max_threads();
+  const double work = double(n) * double(F) * double(Dv) * double(G + 1);
+  index_t chunks = std::clamp<index_t>(static_cast<index_t>(work / double(index_t(1) << 18)), 1, n);
+  if (chunks > 1) chunks = std::min(n, detail::ceil_div(chunks, threads) * threads);
+  const index_t grain = detail::ceil_div(n, chunks);
+  parallel_for(n, grain, [&](index_t t0, index_t t1) {
     detail::linear_scratch<Acc> ws(pl, G);
     Acc* qf = ws.aq;  // G x (F + G)
     Acc* kf = ws.kr;  // F
