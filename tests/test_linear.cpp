@@ -370,7 +370,7 @@ TEST_CASE("a double state accumulates double inputs in double: steps equal the p
   }
 }
 
-TEST_CASE("outputs are bitwise identical for 1 and 2 threads") {
+TEST_CASE("outputs are bitwise identical for 1, 2 and 3 threads") {
 #if defined(_OPENMP)
   const int saved = omp_get_max_threads();
   const index_t B = 2, N = 300, Hq = 4, Hkv = 2, D = 32, Dv = 32;
@@ -400,6 +400,31 @@ TEST_CASE("outputs are bitwise identical for 1 and 2 threads") {
       CHECK(std::memcmp(s1.buf.data(), s2.buf.data(), s1.buf.size() * sizeof(float)) == 0);
       CHECK(st1.s == st2.s);
     }
+  // Decode steps big enough to be split into chunks (their number depends on the thread count):
+  // 16 sequences x 8 query heads over 2 kv heads, a state per query head and per kv head.
+  {
+    const index_t Bs = 16, Hqs = 8, Hkvs = 2, Ds = 64;
+    const qkv big(Bs, 3, 3, Hqs, Hkvs, Ds, Ds, 501);
+    linear_params p;
+    p.causal = true;
+    for (index_t heads : {Hqs, Hkvs}) {
+      std::vector<float> outs[2];
+      std::vector<float> states[2];
+      for (int run = 0; run < 2; ++run) {
+        omp_set_num_threads(run == 0 ? 1 : 3);  // 4 and 6 chunks
+        linear_attention_state st(Bs, heads, Ds, Ds);
+        tensor4<float> o(Bs, 3, Hqs, Ds);
+        for (index_t t = 0; t < 3; ++t)
+          linear_attention_step(st, big.q.view.slice(1, t, t + 1), big.k.view.slice(1, t, t + 1),
+                                big.v.view.slice(1, t, t + 1), o.view.slice(1, t, t + 1), p);
+        outs[run] = o.buf;
+        states[run] = st.s;
+      }
+      INFO("state heads " << heads);
+      CHECK(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * sizeof(float)) == 0);
+      CHECK(states[0] == states[1]);
+    }
+  }
   omp_set_num_threads(saved);
 #else
   SUCCEED("built without OpenMP: a single thread");
