@@ -1469,7 +1469,7 @@ void linear_attention_step(linear_attention_state<Acc>& state, tensor_view<TQ, 4
   // threads (or a multiple) so that none idles. A state's arithmetic does not depend on the chunks.
   const index_t n = s.batch * Hs, threads = max_threads();
   const double work = double(n) * double(F) * double(Dv) * double(G + 1);
-  index_t chunks = std::clamp<index_t>(static_cast<index_t>(work / double(index_t(1) << 18)), 1, n);
+  index_t chunks = std::max<index_t>(1, std::min(n, static_cast<index_t>(work / double(index_t(1) << 18))));
   if (chunks > 1) chunks = std::min(n, detail::ceil_div(chunks, threads) * threads);
   const index_t grain = detail::ceil_div(n, chunks);
   parallel_for(n, grain, [&](index_t t0, index_t t1) {
